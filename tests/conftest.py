@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny weights (fast real forward passes) and loopback ports."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_weights():
+    """Deterministic tiny-shape weights (8-channel convs, K=4, 32-D output)."""
+    from netvlad_server.weights import demo_weights
+
+    return demo_weights("tiny", seed=0)

@@ -1,0 +1,359 @@
+"""Download of the official netvlad_tf checkpoint zip (SPEC.md 2a), resumable and verified.
+
+The download lands in ``<dest>/<name>.zip.part`` (kept across failures so a rerun resumes it with
+an HTTP Range request), is checked as a zip (and against ``--sha256`` when given), unpacked into
+a temporary directory inside ``dest``, loaded with ``load_weights`` to verify all 31 tensors, and
+only then renamed into ``<dest>/<name>/``. Standard library only (urllib), so it runs anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+OFFICIAL_NAME = "vd16_pitts30k_conv5_3_vlad_preL2_intra_white"
+OFFICIAL_URL = f"http://rpg.ifi.uzh.ch/datasets/netvlad/{OFFICIAL_NAME}.zip"
+CHUNK_BYTES = 1 << 20
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
+
+
+class FetchError(RuntimeError):
+    """A download, verification or install step failed; the message says what to do next."""
+
+
+class _Interrupted(Exception):
+    """The transfer stopped before the end; the .part file holds what arrived."""
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Everything one fetch needs: where to put the model, where from, and how careful to be."""
+
+    dest: Path = Path("models")
+    url: str = OFFICIAL_URL
+    force: bool = False
+    sha256: str | None = None
+    retries: int = 3
+    timeout: float = 30.0
+
+    @property
+    def target(self) -> Path:
+        """The directory the model ends up in."""
+        return self.dest / OFFICIAL_NAME
+
+    @property
+    def part(self) -> Path:
+        """The partial download, kept between runs for resuming."""
+        return self.dest / f"{OFFICIAL_NAME}.zip.part"
+
+
+def _human(n: float) -> str:
+    """Format a byte count with a binary unit, e.g. 1.07 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class Progress:
+    """Download progress on a text stream: in place on a terminal, a line per 10 % otherwise."""
+
+    def __init__(self, stream: TextIO, label: str, total: int | None, start: int) -> None:
+        self.stream, self.label, self.total = stream, label, total
+        self.start, self.done = start, start
+        self.t0 = self.last = time.monotonic()
+        self.tty = stream.isatty()
+        self.last_decile = -1
+
+    def _line(self) -> str:
+        """One status line: bytes so far, of the total when known, and the rate of this run."""
+        rate = (self.done - self.start) / max(time.monotonic() - self.t0, 1e-6)
+        if self.total:
+            share = f"{_human(self.done)} / {_human(self.total)} {100 * self.done / self.total:5.1f}%"
+        else:
+            share = _human(self.done)
+        return f"{self.label}: {share}  {_human(rate)}/s"
+
+    def update(self, n: int) -> None:
+        """Count n more bytes and redraw when due (at most 5 times a second)."""
+        self.done += n
+        now = time.monotonic()
+        if self.tty:
+            if now - self.last >= 0.2:
+                self.stream.write("\r\x1b[K" + self._line())
+                self.stream.flush()
+                self.last = now
+        elif self.total:
+            decile = 10 * self.done // self.total
+            if decile != self.last_decile:
+                self.stream.write(self._line() + "\n")
+                self.last_decile = decile
+
+    def close(self) -> None:
+        """Draw the final state and end the line."""
+        prefix = "\r\x1b[K" if self.tty else ""
+        self.stream.write(prefix + self._line() + "\n")
+        self.stream.flush()
+
+
+def _no_network(cfg: FetchConfig, reason: object) -> FetchError:
+    """The error for an unreachable host: how to get the file by hand instead."""
+    host = urllib.parse.urlsplit(cfg.url).netloc or cfg.url
+    return FetchError(
+        f"cannot reach {host} ({reason}); download it by hand from {cfg.url}, unzip it into "
+        f"{cfg.dest}/ and run `netvlad-models inspect {cfg.target}`"
+    )
+
+
+def _open(cfg: FetchConfig, offset: int) -> http.client.HTTPResponse:
+    """Send the GET (with a Range header when resuming); HTTP 416 comes back as a response."""
+    headers = {"User-Agent": "netvlad-models-fetch"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(cfg.url, headers=headers)
+    try:
+        return urllib.request.urlopen(request, timeout=cfg.timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:
+            return err  # type: ignore[return-value]
+        raise FetchError(
+            f"{cfg.url} answered HTTP {err.code} {err.reason}; check the URL (--url) or "
+            f"download the zip by hand and run `netvlad-models inspect` on it"
+        ) from err
+    except urllib.error.URLError as err:
+        raise _no_network(cfg, err.reason) from err
+    except (TimeoutError, ConnectionError) as err:
+        raise _no_network(cfg, err) from err
+
+
+def _resume_position(response: http.client.HTTPResponse, offset: int) -> tuple[int, int | None]:
+    """Where this response's body starts in the file, and the file's total size if known.
+
+    A 206 must carry a Content-Range starting exactly at ``offset``; a 200 is the whole file
+    from byte 0 (the server ignored the Range header). Anything else means "start again".
+    """
+    length = response.headers.get("Content-Length")
+    if response.status == 206:
+        match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+        if match and int(match.group(1)) == offset:
+            total = match.group(3)
+            return offset, None if total == "*" else int(total)
+        return -1, None
+    if response.status == 200:
+        return 0, int(length) if length is not None else None
+    return -1, None
+
+
+def _download_once(cfg: FetchConfig, stream: TextIO) -> None:
+    """Bring the .part file one attempt closer to complete; raise _Interrupted if it stopped short."""
+    offset = cfg.part.stat().st_size if cfg.part.exists() else 0
+    response = _open(cfg, offset)
+    with response:
+        if response.status == 416:
+            match = _UNSATISFIED_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+            if match and int(match.group(1)) == offset:
+                return  # the .part already holds the whole file
+            stream.write(f"the server refused to resume at byte {offset}; starting again\n")
+            cfg.part.unlink()
+            raise _Interrupted("restart")
+        start, total = _resume_position(response, offset)
+        if start < 0:
+            stream.write(
+                f"the server answered a resume request with HTTP {response.status} and "
+                f"Content-Range {response.headers.get('Content-Range')!r}; starting again\n"
+            )
+            cfg.part.unlink()
+            raise _Interrupted("restart")
+        if offset and start == 0:
+            stream.write("the server ignored the resume request (no Range support); starting again\n")
+        progress = Progress(stream, f"downloading {OFFICIAL_NAME}.zip", total, start)
+        with open(cfg.part, "r+b" if start else "wb") as out:
+            out.seek(start)
+            out.truncate()
+            try:
+                _copy(response, out, progress)
+            finally:
+                progress.close()
+            size = out.tell()
+    if total is not None and size != total:
+        raise _Interrupted(f"connection closed at {size} of {total} bytes")
+
+
+def _copy(response: BinaryIO, out: BinaryIO, progress: Progress) -> None:
+    """Copy the body to the file chunk by chunk; network errors become _Interrupted."""
+    while True:
+        try:
+            chunk = response.read(CHUNK_BYTES)
+        except (OSError, http.client.HTTPException) as err:
+            raise _Interrupted(str(err) or type(err).__name__) from err
+        if not chunk:
+            return
+        out.write(chunk)
+        progress.update(len(chunk))
+
+
+def download(cfg: FetchConfig, stream: TextIO = sys.stderr) -> Path:
+    """Download (or finish downloading) the zip into the .part file, retrying interruptions."""
+    cfg.dest.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    while True:
+        try:
+            _download_once(cfg, stream)
+            return cfg.part
+        except _Interrupted as err:
+            if str(err) == "restart":
+                continue
+            failures += 1
+            if failures > cfg.retries:
+                raise FetchError(
+                    f"download of {cfg.url} interrupted ({err}) after {failures} attempt(s); "
+                    f"the partial file is kept at {cfg.part}: run the same command again to "
+                    f"resume it"
+                ) from None
+            stream.write(f"download interrupted ({err}); resuming ({failures}/{cfg.retries})\n")
+
+
+def _sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_archive(cfg: FetchConfig) -> None:
+    """Refuse a download whose checksum or zip structure is wrong."""
+    if cfg.sha256:
+        actual = _sha256(cfg.part)
+        if actual != cfg.sha256.lower():
+            raise FetchError(f"SHA-256 mismatch: expected {cfg.sha256.lower()}, got {actual}")
+    try:
+        with zipfile.ZipFile(cfg.part) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise FetchError(f"the download is not a valid zip ({err})") from err
+    if bad is not None:
+        raise FetchError(f"the download is a damaged zip (CRC error in {bad})")
+
+
+def _find_checkpoint_dir(root: Path) -> Path:
+    """The unpacked directory holding the checkpoint (the zip's top folder, or the root itself)."""
+    expected = root / OFFICIAL_NAME
+    if expected.is_dir():
+        return expected
+    holders = sorted({p.parent for p in root.rglob("*.index")})
+    if len(holders) != 1:
+        raise FetchError(
+            f"the zip should unpack to a folder {OFFICIAL_NAME}/ holding one checkpoint; "
+            f"found checkpoint index files in {len(holders)} folders"
+        )
+    return holders[0]
+
+
+def _verify_and_install(cfg: FetchConfig, stream: TextIO) -> Path:
+    """Unpack into a temporary folder in dest, load all tensors, then move into place atomically."""
+    from netvlad_server.weights import WeightsError, load_weights
+
+    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cfg.dest))
+    try:
+        stream.write(f"unpacking into {staging}\n")
+        with zipfile.ZipFile(cfg.part) as archive:
+            archive.extractall(staging / "unpacked")
+        unpacked = _find_checkpoint_dir(staging / "unpacked")
+        try:
+            weights = load_weights(unpacked)
+        except (WeightsError, OSError, ValueError) as err:
+            raise FetchError(f"the unpacked checkpoint does not hold valid NetVLAD weights: {err}")
+        stream.write(
+            f"verified {len(weights.tensors)} tensors, {weights.output_dims}-D output, "
+            f"{weights.parameter_count:,} parameters\n"
+        )
+        old = staging / "replaced"
+        if cfg.target.exists():
+            cfg.target.rename(old)
+        try:
+            unpacked.rename(cfg.target)
+        except OSError:
+            if old.exists():
+                old.rename(cfg.target)
+            raise
+        return cfg.target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def fetch(cfg: FetchConfig, stream: TextIO = sys.stderr) -> Path:
+    """Download, verify and install the official model; return the installed directory."""
+    if cfg.target.exists() and not cfg.force:
+        raise FetchError(
+            f"{cfg.target} already exists; use it with `netvlad-server --model {cfg.target}`, "
+            f"or pass --force to download and replace it"
+        )
+    download(cfg, stream)
+    try:
+        _check_archive(cfg)
+        target = _verify_and_install(cfg, stream)
+    except FetchError as err:
+        cfg.part.unlink(missing_ok=True)
+        raise FetchError(f"{err}; the downloaded file was deleted and nothing was installed") from None
+    cfg.part.unlink()
+    stream.write(f"installed {target}\n")
+    return target
+
+
+def add_fetch_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register `netvlad-models fetch` on the models CLI."""
+    parser = subparsers.add_parser(
+        "fetch",
+        help="download, verify and unpack the official netvlad_tf checkpoint into models/",
+        description="Download the official checkpoint zip (about 1.1 GB, resumable), verify "
+        "all 31 tensors and unpack it to DEST/" + OFFICIAL_NAME + "/.",
+    )
+    parser.add_argument(
+        "--dest", type=Path, default=Path(os.environ.get("NETVLAD_MODELS_DIR", "models")),
+        help="folder that receives the model (env NETVLAD_MODELS_DIR; default models/)",
+    )
+    parser.add_argument(
+        "--url", default=os.environ.get("NETVLAD_WEIGHTS_URL", OFFICIAL_URL),
+        help="where to download the zip from, e.g. a mirror (env NETVLAD_WEIGHTS_URL)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an installed model")
+    parser.add_argument("--sha256", help="expected SHA-256 of the zip, checked before unpacking")
+    parser.add_argument(
+        "--retries", type=int, default=3, help="resume attempts after an interruption (default 3)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds without data before giving up"
+    )
+    parser.set_defaults(func=run_fetch)
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    """Entry point of `netvlad-models fetch`: 0 when installed, 1 with a message otherwise."""
+    cfg = FetchConfig(
+        dest=args.dest, url=args.url, force=args.force, sha256=args.sha256,
+        retries=args.retries, timeout=args.timeout,
+    )
+    try:
+        fetch(cfg)
+    except FetchError as err:
+        print(f"netvlad-models fetch: {err}", file=sys.stderr)
+        return 1
+    return 0

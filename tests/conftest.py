@@ -20,3 +20,16 @@ def tiny_weights():
     from netvlad_server.weights import demo_weights
 
     return demo_weights("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_server_process(tmp_path_factory):
+    """A real netvlad-server subprocess (demo-tiny, 127.0.0.1, 4 images/request), with /metrics."""
+    from client_support import ServerProcess
+
+    log = tmp_path_factory.mktemp("tiny-server") / "server.log"
+    server = ServerProcess(free_port(), free_port(), log, "--max-images-per-request", "4")
+    try:
+        yield server.wait_serving()
+    finally:
+        server.stop()

@@ -23,7 +23,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import BinaryIO, NoReturn, TextIO
 
 OFFICIAL_NAME = "vd16_pitts30k_conv5_3_vlad_preL2_intra_white"
 OFFICIAL_URL = f"http://rpg.ifi.uzh.ch/datasets/netvlad/{OFFICIAL_NAME}.zip"
@@ -38,6 +38,10 @@ class FetchError(RuntimeError):
 
 class _Interrupted(Exception):
     """The transfer stopped before the end; the .part file holds what arrived."""
+
+
+class _Restart(Exception):
+    """The server cannot continue the .part file; it was deleted and the download starts over."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,8 @@ class Progress:
         """One status line: bytes so far, of the total when known, and the rate of this run."""
         rate = (self.done - self.start) / max(time.monotonic() - self.t0, 1e-6)
         if self.total:
-            share = f"{_human(self.done)} / {_human(self.total)} {100 * self.done / self.total:5.1f}%"
+            percent = 100 * self.done / self.total
+            share = f"{_human(self.done)} / {_human(self.total)} {percent:5.1f}%"
         else:
             share = _human(self.done)
         return f"{self.label}: {share}  {_human(rate)}/s"
@@ -115,9 +120,10 @@ class Progress:
 def _no_network(cfg: FetchConfig, reason: object) -> FetchError:
     """The error for an unreachable host: how to get the file by hand instead."""
     host = urllib.parse.urlsplit(cfg.url).netloc or cfg.url
+    kept = f"; the partial download is kept at {cfg.part} for resuming" if cfg.part.exists() else ""
     return FetchError(
         f"cannot reach {host} ({reason}); download it by hand from {cfg.url}, unzip it into "
-        f"{cfg.dest}/ and run `netvlad-models inspect {cfg.target}`"
+        f"{cfg.dest}/ and run `netvlad-models inspect {cfg.target}`{kept}"
     )
 
 
@@ -160,28 +166,35 @@ def _resume_position(response: http.client.HTTPResponse, offset: int) -> tuple[i
     return -1, None
 
 
+def _start_over(cfg: FetchConfig, offset: int, why: str, stream: TextIO) -> NoReturn:
+    """Delete the .part file the server cannot continue; fail if nothing was there to resume."""
+    if not offset:
+        raise FetchError(f"{cfg.url}: {why}; cannot download from this server")
+    stream.write(f"{why}; starting again from byte 0\n")
+    cfg.part.unlink()
+    raise _Restart()
+
+
 def _download_once(cfg: FetchConfig, stream: TextIO) -> None:
-    """Bring the .part file one attempt closer to complete; raise _Interrupted if it stopped short."""
+    """Bring the .part file one attempt closer to complete; _Interrupted if it stopped short."""
     offset = cfg.part.stat().st_size if cfg.part.exists() else 0
     response = _open(cfg, offset)
     with response:
+        content_range = response.headers.get("Content-Range")
         if response.status == 416:
-            match = _UNSATISFIED_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+            match = _UNSATISFIED_RANGE.fullmatch((content_range or "").strip())
             if match and int(match.group(1)) == offset:
                 return  # the .part already holds the whole file
-            stream.write(f"the server refused to resume at byte {offset}; starting again\n")
-            cfg.part.unlink()
-            raise _Interrupted("restart")
+            _start_over(cfg, offset, f"the server refused to resume at byte {offset}", stream)
         start, total = _resume_position(response, offset)
         if start < 0:
-            stream.write(
-                f"the server answered a resume request with HTTP {response.status} and "
-                f"Content-Range {response.headers.get('Content-Range')!r}; starting again\n"
+            _start_over(
+                cfg, offset,
+                f"the server answered HTTP {response.status} with Content-Range {content_range!r} "
+                f"to a request for bytes {offset}-", stream,
             )
-            cfg.part.unlink()
-            raise _Interrupted("restart")
         if offset and start == 0:
-            stream.write("the server ignored the resume request (no Range support); starting again\n")
+            stream.write("the server ignored the Range header; downloading from the start\n")
         progress = Progress(stream, f"downloading {OFFICIAL_NAME}.zip", total, start)
         with open(cfg.part, "r+b" if start else "wb") as out:
             out.seek(start)
@@ -216,9 +229,9 @@ def download(cfg: FetchConfig, stream: TextIO = sys.stderr) -> Path:
         try:
             _download_once(cfg, stream)
             return cfg.part
+        except _Restart:
+            continue
         except _Interrupted as err:
-            if str(err) == "restart":
-                continue
             failures += 1
             if failures > cfg.retries:
                 raise FetchError(
@@ -280,7 +293,10 @@ def _verify_and_install(cfg: FetchConfig, stream: TextIO) -> Path:
         try:
             weights = load_weights(unpacked)
         except (WeightsError, OSError, ValueError) as err:
-            raise FetchError(f"the unpacked checkpoint does not hold valid NetVLAD weights: {err}")
+            problems = str(err).replace(str(unpacked), f"{OFFICIAL_NAME}/ from {cfg.url}")
+            raise FetchError(
+                f"the unpacked checkpoint does not hold valid NetVLAD weights: {problems}"
+            ) from err
         stream.write(
             f"verified {len(weights.tensors)} tensors, {weights.output_dims}-D output, "
             f"{weights.parameter_count:,} parameters\n"
@@ -312,14 +328,19 @@ def fetch(cfg: FetchConfig, stream: TextIO = sys.stderr) -> Path:
         target = _verify_and_install(cfg, stream)
     except FetchError as err:
         cfg.part.unlink(missing_ok=True)
-        raise FetchError(f"{err}; the downloaded file was deleted and nothing was installed") from None
+        raise FetchError(f"{err}; the download was deleted and nothing was installed") from None
+    except OSError as err:
+        raise FetchError(
+            f"could not unpack into {cfg.dest} ({err}); nothing was installed and the download "
+            f"is kept at {cfg.part}: fix the cause and run the same command again to reuse it"
+        ) from err
     cfg.part.unlink()
     stream.write(f"installed {target}\n")
     return target
 
 
-def add_fetch_command(subparsers: argparse._SubParsersAction) -> None:
-    """Register `netvlad-models fetch` on the models CLI."""
+def register_fetch(subparsers: argparse._SubParsersAction) -> None:
+    """Add `fetch [--dest models/] [--url URL]` to `netvlad-models`."""
     parser = subparsers.add_parser(
         "fetch",
         help="download, verify and unpack the official netvlad_tf checkpoint into models/",
@@ -342,7 +363,7 @@ def add_fetch_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="seconds without data before giving up"
     )
-    parser.set_defaults(func=run_fetch)
+    parser.set_defaults(handler=run_fetch)
 
 
 def run_fetch(args: argparse.Namespace) -> int:
@@ -354,6 +375,6 @@ def run_fetch(args: argparse.Namespace) -> int:
     try:
         fetch(cfg)
     except FetchError as err:
-        print(f"netvlad-models fetch: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,469 @@
+"""`netvlad-client`: describe images through a running server, show its model, check health.
+
+Global options (before the subcommand) choose the server and the channel security; each has a
+NETVLAD_* environment fallback. Errors end with a one-line message and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+from google.protobuf import json_format
+
+from netvlad_client import __version__
+from netvlad_client._proto import netvlad_pb2
+from netvlad_client.client import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    ClientConfig,
+    NetVLADClient,
+    NetVLADError,
+    NetVLADInputError,
+    describe_concurrently,
+    resize_policy,
+)
+from netvlad_client.outputs import FORMATS, Checkpoint, output_format, write_descriptors
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_TARGET = "127.0.0.1:50051"
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+_SHOWN_PROBLEMS = 5
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    """An environment fallback for a flag; empty counts as unset."""
+    return os.environ.get(name) or default
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """Server address, timeout, retries, TLS and token flags (with NETVLAD_* fallbacks)."""
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--target", default=_env("NETVLAD_TARGET", DEFAULT_TARGET),
+        help="HOST:PORT, IP:PORT,IP:PORT (round-robin) or dns:///NAME:PORT "
+             f"(env NETVLAD_TARGET, default {DEFAULT_TARGET})",
+    )
+    group.add_argument(
+        "--timeout", type=float, default=_env("NETVLAD_CLIENT_TIMEOUT", str(DEFAULT_TIMEOUT)),
+        help="deadline of each call in seconds (env NETVLAD_CLIENT_TIMEOUT, default %(default)s)",
+    )
+    group.add_argument(
+        "--retries", type=int, default=_env("NETVLAD_CLIENT_RETRIES", str(DEFAULT_RETRIES)),
+        help="retries of a call that fails with UNAVAILABLE, with exponential backoff "
+             "(env NETVLAD_CLIENT_RETRIES, default %(default)s)",
+    )
+    group.add_argument(
+        "--tls", action="store_true", default=_env("NETVLAD_CLIENT_TLS", "") not in ("", "0"),
+        help="use TLS with the system's root certificates (implied by --tls-ca/--tls-cert; "
+             "env NETVLAD_CLIENT_TLS=1)",
+    )
+    group.add_argument("--tls-ca", default=_env("NETVLAD_CLIENT_TLS_CA"),
+                       help="PEM file of the CA that signed the server (env NETVLAD_CLIENT_TLS_CA)")
+    group.add_argument("--tls-cert", default=_env("NETVLAD_CLIENT_TLS_CERT"),
+                       help="client certificate PEM for mutual TLS (env NETVLAD_CLIENT_TLS_CERT)")
+    group.add_argument("--tls-key", default=_env("NETVLAD_CLIENT_TLS_KEY"),
+                       help="client private key PEM for mutual TLS (env NETVLAD_CLIENT_TLS_KEY)")
+    group.add_argument(
+        "--tls-server-name", default=_env("NETVLAD_CLIENT_TLS_SERVER_NAME"),
+        help="expect this name in the server certificate instead of the target's host "
+             "(env NETVLAD_CLIENT_TLS_SERVER_NAME)",
+    )
+    group.add_argument(
+        "--token-file", default=_env("NETVLAD_CLIENT_TOKEN_FILE"),
+        help="file whose first line is a bearer token, sent as 'authorization: Bearer ...' "
+             "(env NETVLAD_CLIENT_TOKEN_FILE)",
+    )
+
+
+def _read_token(path: str | None) -> str | None:
+    """The bearer token from the first non-empty line of a file."""
+    if not path:
+        return None
+    try:
+        lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    except OSError as exc:
+        raise NetVLADInputError(f"cannot read the token file {path}: {exc.strerror}") from None
+    token = next((line for line in lines if line), None)
+    if token is None:
+        raise NetVLADInputError(f"the token file {path} is empty")
+    return token
+
+
+def client_config(args: argparse.Namespace) -> ClientConfig:
+    """The client configuration the global options describe."""
+    return ClientConfig.build(
+        args.target,
+        timeout=args.timeout,
+        retries=args.retries,
+        tls=args.tls,
+        root_certificates=args.tls_ca,
+        client_certificate=args.tls_cert,
+        client_key=args.tls_key,
+        server_name=args.tls_server_name,
+        token=_read_token(args.token_file),
+    )
+
+
+def client_from_args(args: argparse.Namespace) -> NetVLADClient:
+    """A NetVLADClient for the global options (used by every subcommand, evaluate included)."""
+    return NetVLADClient.from_config(client_config(args))
+
+
+def _problems(kind: str, items: Sequence[str]) -> str:
+    """A short list of what went wrong ("missing files: a, b and 3 more")."""
+    shown = ", ".join(items[:_SHOWN_PROBLEMS])
+    more = len(items) - _SHOWN_PROBLEMS
+    return f"{kind}: {shown}" + (f" and {more} more" if more > 0 else "")
+
+
+def image_files(inputs: Iterable[str | os.PathLike[str]], recursive: bool = False) -> list[Path]:
+    """Expand files and directories (sorted, image extensions only) into a list of image paths.
+
+    Raises NetVLADInputError naming every missing path, non-image file and empty directory.
+    """
+    files: list[Path] = []
+    missing: list[str] = []
+    unknown: list[str] = []
+    empty: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                (p for p in (path.rglob("*") if recursive else path.iterdir())
+                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+                key=lambda p: p.as_posix(),
+            )
+            if found:
+                files.extend(found)
+            else:
+                empty.append(str(path))
+        elif path.is_file():
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(path)
+            else:
+                unknown.append(str(path))
+        else:
+            missing.append(str(path))
+    problems = []
+    if missing:
+        problems.append(_problems("not found", missing))
+    if unknown:
+        problems.append(
+            _problems(f"not an image file (expected {' '.join(IMAGE_EXTENSIONS)})", unknown)
+        )
+    if empty:
+        problems.append(_problems("no image files in directory", empty))
+    if problems:
+        raise NetVLADInputError("; ".join(problems))
+    return files
+
+
+class Progress:
+    """A one-line progress bar on a terminal (stderr); silent when not enabled."""
+
+    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None):
+        self.total = total
+        self.enabled = enabled and total > 0
+        self.stream = stream or sys.stderr
+        self.done = 0
+        self.start = time.monotonic()
+        self._drawn = 0.0
+
+    def advance(self, count: int) -> None:
+        """Count finished images and redraw at most ten times a second."""
+        self.done += count
+        now = time.monotonic()
+        if self.enabled and (now - self._drawn >= 0.1 or self.done >= self.total):
+            self._drawn = now
+            self.stream.write("\r" + self.line(now - self.start))
+            self.stream.flush()
+
+    def line(self, elapsed: float) -> str:
+        """The bar text, e.g. "[#####     ] 50/100 images 12.5/s ETA 4s"."""
+        width = 30
+        filled = int(width * self.done / self.total)
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        left = self.total - self.done
+        eta = f" ETA {left / rate:.0f}s" if rate > 0 and left > 0 else ""
+        bar = "#" * filled + " " * (width - filled)
+        return f"[{bar}] {self.done}/{self.total} images {rate:.1f}/s{eta}   "
+
+    def close(self) -> None:
+        """End the line so later messages start on their own line."""
+        if self.enabled and self.done:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _chunks(names: Sequence[str], size: int) -> list[list[str]]:
+    """Consecutive runs of at most size names."""
+    return [list(names[i : i + size]) for i in range(0, len(names), size)]
+
+
+class _Interrupted(Exception):
+    """SIGTERM turned into an exception so that finished work is saved before exit."""
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise _Interrupted(signal.Signals(signum).name)
+
+
+def _describe_command(args: argparse.Namespace) -> int:
+    """`describe`: images and folders in, one (N, D) float32 file out in input order."""
+    out = Path(args.out)
+    fmt = output_format(out, args.format)
+    if not out.parent.is_dir():
+        raise NetVLADInputError(f"the output directory {out.parent} does not exist")
+    names = [str(path) for path in image_files(args.images, recursive=args.recursive)]
+    with client_from_args(args) as client:
+        info = client.info()
+        dims = args.dims or info.output_dims
+        if dims > info.output_dims:
+            raise NetVLADInputError(
+                f"--dims {dims} is more than the model's {info.output_dims} output dimensions"
+            )
+        checkpoint = _checkpoint(args, out, info, dims)
+        if not args.resume:
+            if checkpoint.directory.exists():
+                print(f"note: {checkpoint.directory} holds work of an interrupted run; pass "
+                      "--resume to reuse it", file=sys.stderr)
+            checkpoint = None
+        done = checkpoint.open() if checkpoint is not None else {}
+        unique = list(dict.fromkeys(names))
+        if done:
+            print(f"resuming: {sum(name in done for name in unique)} of {len(unique)} images "
+                  f"already described in {checkpoint.directory}", file=sys.stderr)
+        todo = [name for name in unique if name not in done]
+        limits = info.batching
+        batch_size = args.batch_size or min(
+            limits.max_batch_size or 16, limits.max_images_per_request or 1 << 30
+        )
+        chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+        progress = Progress(len(todo), _show_progress(args.progress, len(chunks) > 1))
+        results = describe_concurrently(
+            client, chunks, args.concurrency, dims=dims, batch_size=batch_size, resize=args.resize
+        )
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
+        try:
+            for index, rows in results:
+                if checkpoint is not None:
+                    checkpoint.save(chunks[index], rows)
+                done.update(zip(chunks[index], rows, strict=True))
+                progress.advance(len(rows))
+        except (KeyboardInterrupt, _Interrupted, NetVLADError) as exc:
+            client.close()  # ends the calls in flight at once
+            results.close()
+            progress.close()
+            interrupted = not isinstance(exc, NetVLADError)
+            message = "interrupted" if interrupted else f"error: {exc}"
+            if checkpoint is not None:
+                message += (f"; {sum(name in done for name in unique)} of {len(unique)} images "
+                            f"are saved in {checkpoint.directory}, run the same command again "
+                            "to finish")
+            elif len(chunks) > 1:
+                message += "; pass --resume to keep finished work across runs"
+            print(f"netvlad-client: {message}", file=sys.stderr)
+            return EXIT_INTERRUPTED if interrupted else EXIT_ERROR
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+    progress.close()
+    descriptors = (
+        np.stack([done[name] for name in names]).astype(np.float32, copy=False)
+        if names else np.empty((0, dims), dtype=np.float32)
+    )
+    write_descriptors(out, fmt, descriptors, names)
+    if checkpoint is not None:
+        checkpoint.remove()
+    print(f"wrote {descriptors.shape[0]} x {descriptors.shape[1]} descriptors to {out} ({fmt})",
+          file=sys.stderr)
+    return 0
+
+
+def _checkpoint(
+    args: argparse.Namespace, out: Path, info: netvlad_pb2.ModelInfo, dims: int
+) -> Checkpoint:
+    """The resume checkpoint OUT.partial/, tied to the model and the options that shape rows."""
+    return Checkpoint(
+        out.with_name(out.name + ".partial"),
+        {
+            "model_name": info.model_name,
+            "weight_source": info.weight_source,
+            "weight_format": info.weight_format,
+            "precision": info.precision,
+            "output_dims": info.output_dims,
+            "dims": dims,
+            "resize": args.resize,
+        },
+    )
+
+
+def _show_progress(mode: str, many: bool) -> bool:
+    """auto: a bar only on a terminal and for more than one request; always; never."""
+    if mode == "auto":
+        return many and sys.stderr.isatty()
+    return mode == "always"
+
+
+def _resize_arg(text: str) -> str:
+    """--resize: "keep", N or "fit:N", checked here so that mistakes are usage errors."""
+    try:
+        resize_policy(text)
+    except NetVLADInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _positive_int(text: str) -> int:
+    """An integer >= 1 for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def format_info(info: netvlad_pb2.ModelInfo) -> str:
+    """ModelInfo as aligned human-readable lines."""
+    limits = info.batching
+    resize = info.default_resize
+    resize_text = (
+        f"fit longest side to {resize.longest_side} px" if resize.longest_side else "keep size"
+    )
+    rows = [
+        ("model", info.model_name + ("   ** DEMO WEIGHTS: descriptors are meaningless **"
+                                     if info.demo_weights else "")),
+        ("weights", f"{info.weight_source} ({info.weight_format})"),
+        ("output dims", f"{info.output_dims} (K={info.num_clusters} clusters x "
+                        f"D={info.cluster_dim}, whitened)"),
+        ("precision", f"{info.precision}" + (", XLA" if info.xla else "")),
+        ("device", info.device),
+        ("default resize", resize_text),
+        ("max batch size", str(limits.max_batch_size)),
+        ("max queue delay", f"{limits.max_queue_delay_ms:g} ms"),
+        ("max queue size", str(limits.max_queue_size)),
+        ("images/request", str(limits.max_images_per_request)),
+        ("max image pixels", str(limits.max_image_pixels)),
+        ("min image side", f"{limits.min_image_side} px"),
+        ("max message", f"{limits.max_message_bytes} bytes"),
+        ("server", f"{info.server_version} (TensorFlow {info.tensorflow_version})"),
+    ]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def _info_command(args: argparse.Namespace) -> int:
+    """`info`: the server's ModelInfo, readable or as JSON."""
+    with client_from_args(args) as client:
+        info = client.info()
+    if args.json:
+        fields = json_format.MessageToDict(
+            info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        print(json.dumps(fields, indent=2, sort_keys=True))
+    else:
+        print(format_info(info))
+    return 0
+
+
+def _health_command(args: argparse.Namespace) -> int:
+    """`health`: print the status; exit 0 only when SERVING (optionally wait for it)."""
+    deadline = time.monotonic() + args.wait
+    with client_from_args(args) as client:
+        while True:
+            try:
+                status = client.health(args.service, timeout=min(args.timeout, 5.0))
+                detail = ""
+            except NetVLADError as exc:
+                status, detail = ("UNREACHABLE", str(exc))
+            if status == "SERVING" or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+    print(status + (f": {detail}" if detail else ""))
+    return 0 if status == "SERVING" else EXIT_ERROR
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The netvlad-client parser and its subcommand registry."""
+    parser = argparse.ArgumentParser(
+        prog="netvlad-client",
+        description="Describe images with a running netvlad-server, show its model, check health.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_connection_options(parser)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    describe = subparsers.add_parser(
+        "describe", help="describe images and folders into one descriptor file",
+        description="Describe images (files, or folders of .jpg .jpeg .png .bmp .tif .tiff .webp "
+                    "files, sorted) and write an (N, D) float32 array in input order.",
+    )
+    describe.add_argument("images", nargs="+", metavar="IMG|DIR", help="image files and folders")
+    describe.add_argument("--out", "-o", required=True,
+                          help="output file: .npy .npz .csv .json or .bin")
+    describe.add_argument("--format", choices=FORMATS, help="output format (default: from --out)")
+    describe.add_argument("--dims", type=_positive_int,
+                          help="keep the first N dimensions, re-normalised (default: all)")
+    describe.add_argument("--resize", type=_resize_arg,
+                          help="'keep', or N (or fit:N) to fit the longest side to N px "
+                               "(default: the server's policy)")
+    describe.add_argument("--batch-size", type=_positive_int,
+                          help="images per request (default: the server's max batch size)")
+    describe.add_argument("--concurrency", type=_positive_int, default=2,
+                          help="requests in flight at once (default %(default)s)")
+    describe.add_argument("--resume", action="store_true",
+                          help="checkpoint finished requests in OUT.partial/ and reuse them when "
+                               "run again after an interruption")
+    describe.add_argument("--recursive", "-r", action="store_true",
+                          help="also take images from sub-folders")
+    describe.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                          help="progress bar on stderr (auto: on a terminal, for many files)")
+    describe.set_defaults(func=_describe_command)
+
+    info = subparsers.add_parser("info", help="show the server's model and limits")
+    info.add_argument("--json", action="store_true", help="print the ModelInfo as JSON")
+    info.set_defaults(func=_info_command)
+
+    health = subparsers.add_parser("health", help="exit 0 only when the server is SERVING")
+    health.add_argument("--service", default="",
+                        help="health service name to ask about (default: the whole server)")
+    health.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="keep asking until SERVING or this many seconds have passed")
+    health.set_defaults(func=_health_command)
+
+    from netvlad_client import evaluate_cli
+
+    evaluate_cli.register(subparsers)
+    return parser, subparsers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `netvlad-client`; returns the exit status."""
+    parser, _ = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except NetVLADError as exc:
+        print(f"netvlad-client: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("netvlad-client: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

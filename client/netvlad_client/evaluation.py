@@ -1,0 +1,698 @@
+"""Place-recognition evaluation (SPEC.md section 3): precision-recall curve, AUC and recall@N.
+
+NumPy only, so it runs wherever the thin client runs; matplotlib is imported lazily inside the
+plotting functions. Distances are computed in row blocks so that memory stays bounded (a few tens
+of MB) however long the sequence is: no N x N matrix is ever held.
+
+Definitions (the netvlad_tf / MATLAB KITTI test, made precise):
+
+* Descriptors: the first ``dims`` values of each row. By default they are used as they are (raw
+  truncation, what the reference KITTI test did); ``renormalize=True`` rescales each truncated row
+  to unit L2 norm (MATLAB's ``cropToDim``, what the server's ``dims`` option returns).
+* Suppression band of odd width ``w = 2h + 1``: frames ``i`` and ``j`` are never matched when
+  ``|i - j| <= h`` (the diagonal included). ``w = 501`` suppresses pairs closer than 251 frames.
+* Best match of frame ``i``: the non-suppressed frame with the smallest squared Euclidean
+  descriptor distance. Float32 matrix products only shortlist candidates; the shortlist is ranked
+  by exact float64 distances, and among equal distances the lowest frame index wins.
+* Ground truth of frame ``i``: the smallest position distance to any non-suppressed frame; the
+  frame "has a true revisit" when that distance is below ``radius`` (strictly).
+* Frames are accepted in increasing match distance (stable sort: equal distances keep frame
+  order). An accepted match is a true positive when the two positions are closer than ``radius``.
+  Recall's denominator is the number of frames with a true revisit. Frames with no candidate at
+  all (sequence shorter than the band) take no part.
+* AUC = sum over accepted matches of (recall step) x (precision after that step), the recall
+  starting from 0. (The reference code drops the very first step, which lowers its value by at
+  most 1 / number-of-revisits; a perfect ranking scores exactly 1 here.)
+* recall@N: among frames with a true revisit, the fraction whose N nearest non-suppressed frames
+  (by descriptor distance, ties by lowest index) include a true positive. recall@1 equals the
+  final recall of the precision-recall curve.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_DIMS = 128
+DEFAULT_RADIUS = 5.0
+DEFAULT_SUPPRESSION = 501
+DEFAULT_RECALL_NS = (1, 5, 10)
+DEFAULT_RECALL_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Distance-matrix entries held per row block: 2 M entries = 8 MB as float32 (peak ~ 5x that).
+BLOCK_ELEMENTS = 1 << 21
+DESCRIPTOR_SUFFIXES = (".npy", ".npz", ".csv", ".json", ".bin")
+_EPS32 = float(np.finfo(np.float32).eps)
+
+
+class EvaluationError(ValueError):
+    """A bad input to the evaluation; the message says what was wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """The knobs of SPEC section 3, validated once so every step can trust them."""
+
+    dims: int | None = None  # first n descriptor values; None = all
+    renormalize: bool = False  # L2-normalise the truncated rows
+    radius: float = DEFAULT_RADIUS  # metres (position units) for a true revisit
+    suppression: int = DEFAULT_SUPPRESSION  # odd band width around the diagonal
+    recall_ns: tuple[int, ...] = DEFAULT_RECALL_NS
+
+    def __post_init__(self) -> None:
+        """Reject values that would make the definitions meaningless."""
+        if self.dims is not None and (isinstance(self.dims, bool) or self.dims < 1):
+            raise EvaluationError(f"dims must be a positive number of dimensions; got {self.dims}")
+        if not (math.isfinite(self.radius) and self.radius > 0):
+            raise EvaluationError(f"radius must be a positive distance; got {self.radius}")
+        half_width(self.suppression)
+        if not self.recall_ns or any(int(n) != n or n < 1 for n in self.recall_ns):
+            raise EvaluationError(
+                f"recall@N needs positive whole numbers N; got {list(self.recall_ns)}"
+            )
+
+    @property
+    def half_width(self) -> int:
+        """Frames i, j with |i - j| <= half_width are suppressed."""
+        return half_width(self.suppression)
+
+
+def half_width(suppression: int) -> int:
+    """Half-width h of a suppression band of odd width 2h + 1 (1 = only the diagonal)."""
+    if isinstance(suppression, bool) or int(suppression) != suppression or suppression < 1:
+        raise EvaluationError(
+            f"suppression must be a positive odd number of frames; got {suppression}"
+        )
+    if suppression % 2 == 0:
+        raise EvaluationError(
+            f"suppression must be odd (a band of 2h+1 frames centred on the diagonal); "
+            f"got {suppression}: use {suppression - 1} or {suppression + 1}"
+        )
+    return (int(suppression) - 1) // 2
+
+
+def select_dims(descriptors: np.ndarray, dims: int | None, renormalize: bool) -> np.ndarray:
+    """The first ``dims`` columns as contiguous float32, optionally re-normalised to unit length."""
+    x = np.asarray(descriptors)
+    if dims is not None and x.ndim == 2:
+        if dims > x.shape[1]:
+            raise EvaluationError(
+                f"asked for the first {dims} descriptor dimensions but the descriptors have "
+                f"only {x.shape[1]}; pass dims <= {x.shape[1]}"
+            )
+        x = x[:, :dims]
+    x = np.ascontiguousarray(check_descriptors(x), dtype=np.float32)
+    if renormalize:
+        norms = np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x, dtype=np.float64), 1e-12))
+        x = (x / norms[:, None]).astype(np.float32)
+    return x
+
+
+def check_descriptors(descriptors: np.ndarray, source: str = "descriptors") -> np.ndarray:
+    """A 2-D finite float array of descriptors, one row per frame."""
+    x = np.asarray(descriptors)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise EvaluationError(
+            f"{source}: expected a non-empty (frames x dims) matrix; got shape {x.shape}"
+        )
+    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+        raise EvaluationError(f"{source}: expected real numbers; got dtype {x.dtype}")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise EvaluationError(
+            f"{source}: row {int(np.flatnonzero(bad)[0])} (0-based) holds NaN or infinity; "
+            f"{int(bad.sum())} row(s) in all"
+        )
+    return x
+
+
+def check_positions(positions: np.ndarray, source: str = "positions") -> np.ndarray:
+    """An (N, 3) float64 array of finite positions; (N, 2) is padded with z = 0."""
+    p = np.asarray(positions, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] == 0 or p.shape[1] not in (2, 3):
+        raise EvaluationError(f"{source}: expected an (N x 3) array of positions; got {p.shape}")
+    if not np.isfinite(p).all():
+        row = int(np.flatnonzero(~np.isfinite(p).all(axis=1))[0])
+        raise EvaluationError(f"{source}: position {row} (0-based) holds NaN or infinity")
+    if p.shape[1] == 2:
+        p = np.column_stack([p, np.zeros(len(p))])
+    return np.ascontiguousarray(p)
+
+
+def check_counts(*named: tuple[str, int]) -> None:
+    """Raise unless every (description, count) pair has the same count, naming both sides."""
+    first_name, first_count = named[0]
+    for name, count in named[1:]:
+        if count != first_count:
+            raise EvaluationError(
+                f"{name} has {count} frames but {first_name} has {first_count}; they must "
+                f"describe the same frames in the same order"
+            )
+
+
+def _row_blocks(rows: int, cols: int, block_elements: int) -> Iterator[tuple[int, int]]:
+    """Consecutive [start, stop) row ranges holding about ``block_elements`` entries each."""
+    step = max(1, block_elements // max(cols, 1))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _fill_band(block: np.ndarray, row0: int, half: int, value: float) -> None:
+    """Set entries (i, j) of a row block with |i - j| <= half (i = row0 + local row) to value."""
+    n = block.shape[1]
+    for local in range(block.shape[0]):
+        i = row0 + local
+        block[local, max(0, i - half) : min(n, i + half + 1)] = value
+
+
+def _pair_sqdist(x: np.ndarray, a: np.ndarray, b: np.ndarray, block_elements: int) -> np.ndarray:
+    """Squared Euclidean distances of rows a[m], b[m] in float64, chunked to bound memory."""
+    out = np.empty(len(a), dtype=np.float64)
+    step = max(1, block_elements // x.shape[1])
+    for s in range(0, len(a), step):
+        diff = x[a[s : s + step]].astype(np.float64)
+        diff -= x[b[s : s + step]]
+        np.square(diff, out=diff)
+        out[s : s + step] = diff.sum(axis=1)
+    return out
+
+
+def nearest_matches(
+    descriptors: np.ndarray,
+    suppression: int,
+    k: int = 1,
+    *,
+    block_elements: int = BLOCK_ELEMENTS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame's k nearest non-suppressed frames: (N, k) indices and squared distances.
+
+    Rows are sorted by distance, equal distances by lowest index; missing entries (fewer than k
+    candidates) are -1 and inf. A float32 matrix product per row block finds a shortlist that
+    provably holds the exact k nearest (its error bound is added to the k-th value), and the
+    shortlist is ranked by exact float64 distances, so identical descriptors tie exactly.
+    """
+    x = np.ascontiguousarray(descriptors, dtype=np.float32)
+    n, d = x.shape
+    half = half_width(suppression)
+    k = max(1, min(int(k), n))
+    sq = np.einsum("ij,ij->i", x, x)
+    # Worst-case rounding error of the float32 squared distance of row i to any row.
+    tol = (2 * d + 8) * _EPS32 * (sq.astype(np.float64) + float(sq.max()))
+    idx_out = np.full((n, k), -1, dtype=np.int64)
+    dist_out = np.full((n, k), np.inf)
+    for r0, r1 in _row_blocks(n, n, block_elements):
+        g = x[r0:r1] @ x.T  # B x N float32
+        g *= -2.0
+        g += sq[None, :]
+        g += sq[r0:r1, None]
+        np.maximum(g, 0.0, out=g)
+        _fill_band(g, r0, half, np.inf)
+        kth = np.partition(g, k - 1, axis=1)[:, k - 1].astype(np.float64)
+        limit = np.nextafter((kth + 2 * tol[r0:r1]).astype(np.float32), np.float32(np.inf))
+        rows, cols = np.nonzero(g <= limit[:, None])
+        finite = np.isfinite(g[rows, cols])
+        rows, cols = rows[finite] + r0, cols[finite]
+        exact = _pair_sqdist(x, rows, cols, block_elements)
+        order = np.lexsort((cols, exact, rows))
+        rows, cols, exact = rows[order], cols[order], exact[order]
+        starts = np.searchsorted(rows, np.arange(r0, r1))
+        rank = np.arange(len(rows)) - starts[rows - r0]
+        keep = rank < k
+        idx_out[rows[keep], rank[keep]] = cols[keep]
+        dist_out[rows[keep], rank[keep]] = exact[keep]
+    return idx_out, dist_out
+
+
+def nearest_position_distances(
+    positions: np.ndarray, suppression: int, *, block_elements: int = BLOCK_ELEMENTS
+) -> np.ndarray:
+    """Ground truth: each frame's smallest squared position distance to a non-suppressed frame."""
+    p = check_positions(positions)
+    n = len(p)
+    half = half_width(suppression)
+    out = np.full(n, np.inf)
+    # Two float64 temporaries per entry: a quarter of the entries keeps this pass the smaller.
+    for r0, r1 in _row_blocks(n, n, max(1, block_elements // 4)):
+        d2 = np.zeros((r1 - r0, n))
+        for c in range(p.shape[1]):
+            t = p[r0:r1, c, None] - p[None, :, c]
+            np.square(t, out=t)
+            d2 += t
+        _fill_band(d2, r0, half, np.inf)
+        out[r0:r1] = d2.min(axis=1)
+    return out
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything SPEC section 3 computes for one descriptor set, per frame and as a curve."""
+
+    settings: EvaluationSettings
+    neighbours: np.ndarray  # N x k frame indices of the k nearest matches, -1 = none
+    neighbour_distance: np.ndarray  # N x k squared descriptor distances, inf = none
+    neighbour_is_true: np.ndarray  # N x k: position closer than radius
+    gt_distance: np.ndarray  # N: nearest non-suppressed position distance, inf = none
+    order: np.ndarray  # M: frames (with a candidate) in acceptance order
+    precision: np.ndarray  # M: after accepting order[:m+1]
+    recall: np.ndarray  # M
+    auc: float
+    recall_at: dict[int, float]
+
+    @property
+    def match(self) -> np.ndarray:
+        """Best match per frame (-1 when the frame has no candidate)."""
+        return self.neighbours[:, 0]
+
+    @property
+    def match_distance(self) -> np.ndarray:
+        """Squared descriptor distance to the best match (inf when none)."""
+        return self.neighbour_distance[:, 0]
+
+    @property
+    def true_positive(self) -> np.ndarray:
+        """Whether each frame's best match is within the radius."""
+        return self.neighbour_is_true[:, 0]
+
+    @property
+    def has_revisit(self) -> np.ndarray:
+        """Frames whose ground-truth nearest non-suppressed frame is within the radius."""
+        return self.gt_distance < self.settings.radius
+
+    @property
+    def num_frames(self) -> int:
+        """Frames in the sequence."""
+        return len(self.gt_distance)
+
+    @property
+    def num_positives(self) -> int:
+        """Recall's denominator: frames with a true revisit."""
+        return int(np.count_nonzero(self.has_revisit))
+
+    def precision_at_recall(
+        self, levels: Sequence[float] = DEFAULT_RECALL_LEVELS
+    ) -> dict[float, float | None]:
+        """Precision at the first point where recall reaches each level (None if it never does)."""
+        out: dict[float, float | None] = {}
+        for level in levels:
+            hit = np.flatnonzero(self.recall >= level - 1e-12)
+            out[level] = float(self.precision[hit[0]]) if hit.size else None
+        return out
+
+    def summary(self, levels: Sequence[float] = DEFAULT_RECALL_LEVELS) -> dict[str, Any]:
+        """Scalars of the evaluation, JSON-ready."""
+        s = self.settings
+        return {
+            "auc": self.auc,
+            "frames": self.num_frames,
+            "frames_with_candidate": len(self.order),
+            "frames_with_true_revisit": self.num_positives,
+            "true_positive_matches": int(np.count_nonzero(self.true_positive)),
+            "max_recall": float(self.recall[-1]),
+            "precision_at_recall": {
+                f"{lv:g}": p for lv, p in self.precision_at_recall(levels).items()
+            },
+            "recall_at": {str(n): r for n, r in self.recall_at.items()},
+            "settings": {
+                "dims": s.dims,
+                "renormalize": s.renormalize,
+                "radius": s.radius,
+                "suppression": s.suppression,
+            },
+        }
+
+
+def evaluate(
+    descriptors: np.ndarray,
+    positions: np.ndarray,
+    settings: EvaluationSettings | None = None,
+    *,
+    block_elements: int = BLOCK_ELEMENTS,
+) -> Evaluation:
+    """Run the whole SPEC section 3 evaluation of one descriptor set against positions."""
+    s = settings or EvaluationSettings()
+    x = select_dims(descriptors, s.dims, s.renormalize)
+    p = check_positions(positions)
+    check_counts(("positions", len(p)), ("descriptors", len(x)))
+    n = len(x)
+    neighbours, distances = nearest_matches(
+        x, s.suppression, max(s.recall_ns), block_elements=block_elements
+    )
+    gt = np.sqrt(nearest_position_distances(p, s.suppression, block_elements=block_elements))
+    r2 = s.radius**2
+    valid = neighbours >= 0
+    rows = np.broadcast_to(np.arange(n)[:, None], neighbours.shape)
+    pair_d2 = np.full(neighbours.shape, np.inf)
+    pair_d2[valid] = _pair_sqdist(p, rows[valid], neighbours[valid], block_elements)
+    is_true = pair_d2 < r2
+
+    queries = np.flatnonzero(valid[:, 0])
+    if queries.size == 0:
+        raise EvaluationError(
+            f"a suppression band of {s.suppression} frames leaves none of the {n} frames a "
+            f"match candidate; use a smaller suppression (at most {2 * n - 3})"
+        )
+    positives = int(np.count_nonzero(gt < s.radius))
+    if positives == 0:
+        raise EvaluationError(
+            f"no frame has a true revisit: no two frames outside the suppression band "
+            f"({s.suppression}) are closer than radius {s.radius:g}; recall is undefined. "
+            f"Check the positions, or use a larger radius or a smaller suppression"
+        )
+    order = queries[np.argsort(distances[queries, 0], kind="stable")]
+    tp_cum = np.cumsum(is_true[order, 0])
+    precision = tp_cum / np.arange(1, len(order) + 1)
+    recall = tp_cum / positives
+    auc = float(np.sum(np.diff(recall, prepend=0.0) * precision))
+    recall_at = {
+        int(m): float(np.count_nonzero(is_true[:, :m].any(axis=1)) / positives) for m in s.recall_ns
+    }
+    return Evaluation(
+        settings=s,
+        neighbours=neighbours,
+        neighbour_distance=distances,
+        neighbour_is_true=is_true,
+        gt_distance=gt,
+        order=order,
+        precision=precision,
+        recall=recall,
+        auc=auc,
+        recall_at=recall_at,
+    )
+
+
+@dataclass(frozen=True)
+class ConfusionMatrices:
+    """Subsampled distance matrices for plotting; the suppression band is NaN."""
+
+    frames: np.ndarray  # the frame index of each row/column
+    descriptor: np.ndarray  # squared descriptor distances (float32)
+    position: np.ndarray  # position distances (float32)
+
+
+def confusion_matrices(
+    descriptors: np.ndarray,
+    positions: np.ndarray,
+    settings: EvaluationSettings | None = None,
+    max_frames: int = 1000,
+) -> ConfusionMatrices:
+    """Descriptor and position distance matrices of every ceil(N / max_frames)-th frame."""
+    s = settings or EvaluationSettings()
+    x = select_dims(descriptors, s.dims, s.renormalize)
+    p = check_positions(positions)
+    check_counts(("positions", len(p)), ("descriptors", len(x)))
+    step = max(1, math.ceil(len(x) / max(1, max_frames)))
+    frames = np.arange(0, len(x), step)
+    xs = x[frames].astype(np.float64)
+    sq = np.einsum("ij,ij->i", xs, xs)
+    desc = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (xs @ xs.T), 0.0)
+    ps = p[frames]
+    pos = np.sqrt(((ps[:, None, :] - ps[None, :, :]) ** 2).sum(axis=2))
+    band = np.abs(frames[:, None] - frames[None, :]) <= s.half_width
+    desc[band] = np.nan
+    pos[band] = np.nan
+    return ConfusionMatrices(frames, desc.astype(np.float32), pos.astype(np.float32))
+
+
+# --------------------------------------------------------------------------- plotting
+
+
+def _figure(width: float, height: float) -> Any:
+    """A matplotlib Figure without pyplot (no GUI backend, no global state)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise EvaluationError(
+            "plotting needs matplotlib: pip install 'netvlad-service[plot]' (or skip the figures)"
+        ) from exc
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_pr_curves(
+    curves: Sequence[tuple[str, Evaluation]], path: str | Path, title: str | None = None
+) -> Path:
+    """Draw precision against recall for one or more labelled evaluations into a PNG."""
+    fig = _figure(6.0, 5.0)
+    ax = fig.add_subplot()
+    for label, ev in curves:
+        ax.plot(
+            np.concatenate([[0.0], ev.recall]),
+            np.concatenate([[ev.precision[0]], ev.precision]),
+            label=f"{label} (AUC {ev.auc:.4f})",
+            linewidth=1.5,
+        )
+    s = curves[0][1].settings
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.grid(True, alpha=0.3)
+    dims = "all dims" if s.dims is None else f"first {s.dims} dims"
+    ax.set_title(
+        title or f"Place recognition PR ({dims}, radius {s.radius:g}, suppression {s.suppression})"
+    )
+    ax.legend(loc="lower left")
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def plot_confusion(
+    matrix: np.ndarray, frames: np.ndarray, title: str, colour_label: str, path: str | Path
+) -> Path:
+    """Draw one subsampled distance matrix (NaN band left blank) into a PNG."""
+    fig = _figure(6.0, 5.0)
+    ax = fig.add_subplot()
+    last = float(frames[-1]) if len(frames) else 0.0
+    image = ax.imshow(
+        np.ma.masked_invalid(matrix),
+        extent=(0.0, last, last, 0.0),
+        interpolation="nearest",
+        cmap="viridis",
+    )
+    fig.colorbar(image, ax=ax, label=colour_label)
+    ax.set_xlabel("frame")
+    ax.set_ylabel("frame")
+    ax.set_title(title)
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+# --------------------------------------------------------------------------- file readers
+
+_SPLIT = re.compile(r"[,\s]+")
+_Read = tuple[np.ndarray, "list[str] | None"]  # values, names
+
+
+def _number_rows(path: Path, what: str) -> list[tuple[int, list[float]]]:
+    """(line number, numbers) of each data line; '#' comments, blanks and one header skipped."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise EvaluationError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    rows: list[tuple[int, list[float]]] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        fields = [f for f in _SPLIT.split(stripped) if f]
+        try:
+            rows.append((lineno, [float(f) for f in fields]))
+        except ValueError:
+            if rows or any(_is_number(f) for f in fields):
+                raise EvaluationError(
+                    f"{what} {path} line {lineno}: not a list of numbers: {stripped[:80]!r}"
+                ) from None
+    if not rows:
+        raise EvaluationError(f"{what} {path} holds no rows of numbers")
+    return rows
+
+
+def _is_number(text: str) -> bool:
+    """Whether text parses as a float."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_kitti_poses(path: str | Path) -> np.ndarray:
+    """Positions (N x 3) from a KITTI poses file: 12 numbers a row, translation at 3, 7, 11."""
+    p = Path(path)
+    rows = _number_rows(p, "poses file")
+    for lineno, values in rows:
+        if len(values) != 12:
+            hint = " (a plain position file? use --positions)" if len(values) in (2, 3) else ""
+            raise EvaluationError(
+                f"poses file {p} line {lineno}: expected 12 numbers (a row-major 3x4 KITTI "
+                f"pose), got {len(values)}{hint}"
+            )
+    poses = np.array([v for _, v in rows])
+    return check_positions(poses[:, [3, 7, 11]], f"poses file {p}")
+
+
+def read_positions(path: str | Path) -> np.ndarray:
+    """Positions (N x 3) from a plain text file of x y z rows (whitespace or comma separated)."""
+    p = Path(path)
+    rows = _number_rows(p, "positions file")
+    for lineno, values in rows:
+        if len(values) not in (2, 3):
+            hint = " (a KITTI poses file? use --poses)" if len(values) == 12 else ""
+            raise EvaluationError(
+                f"positions file {p} line {lineno}: expected 3 numbers (x y z) or 2 (x y), "
+                f"got {len(values)}{hint}"
+            )
+    widths = {len(v) for _, v in rows}
+    if len(widths) > 1:
+        raise EvaluationError(f"positions file {p}: rows mix 2 and 3 numbers; use one width")
+    return check_positions(np.array([v for _, v in rows]), f"positions file {p}")
+
+
+@dataclass(frozen=True)
+class DescriptorFile:
+    """Descriptors read from a file, with the image names when the format carries them."""
+
+    path: Path
+    values: np.ndarray  # N x D float32
+    names: list[str] | None
+
+
+def read_descriptors(
+    path: str | Path, *, bin_dims: int | None = None, bin_count: int | None = None
+) -> DescriptorFile:
+    """Read a descriptor file written by ``netvlad-client describe --out`` (by its suffix).
+
+    ``.bin`` is raw little-endian float32, one descriptor after another (MATLAB reads it as
+    ``fread(f, [D, Inf], 'float32')``); its dims come from ``bin_dims`` or from ``bin_count``
+    (the number of frames) when only that is known.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in DESCRIPTOR_SUFFIXES:
+        raise EvaluationError(
+            f"descriptor file {p}: unknown format {suffix or '(no suffix)'}; expected one of "
+            f"{', '.join(DESCRIPTOR_SUFFIXES)}"
+        )
+    if not p.is_file():
+        raise EvaluationError(f"descriptor file {p} does not exist")
+    try:
+        values, names = _READERS[suffix](p, bin_dims, bin_count)
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        if isinstance(exc, EvaluationError):
+            raise
+        raise EvaluationError(f"descriptor file {p}: cannot read it as {suffix}: {exc}") from exc
+    values = check_descriptors(values, f"descriptor file {p}").astype(np.float32, copy=False)
+    if names is not None and len(names) != len(values):
+        raise EvaluationError(
+            f"descriptor file {p}: {len(names)} names for {len(values)} descriptors"
+        )
+    return DescriptorFile(p, values, names)
+
+
+def _read_npy(p: Path, _dims: int | None, _count: int | None) -> _Read:
+    """A plain (N, D) array."""
+    return np.load(p, allow_pickle=False), None
+
+
+def _read_npz(p: Path, _dims: int | None, _count: int | None) -> _Read:
+    """An archive with a ``descriptors`` array and optionally ``names``."""
+    with np.load(p, allow_pickle=False) as archive:
+        if "descriptors" not in archive.files:
+            raise EvaluationError(
+                f"descriptor file {p}: no 'descriptors' array in it (it holds: "
+                f"{', '.join(archive.files) or 'nothing'})"
+            )
+        names = [str(n) for n in archive["names"]] if "names" in archive.files else None
+        return archive["descriptors"], names
+
+
+def _read_csv(p: Path, _dims: int | None, _count: int | None) -> _Read:
+    """Rows of numbers, optionally a header row and a leading name column."""
+    with p.open(newline="") as f:
+        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+    if not rows:
+        raise EvaluationError(f"descriptor file {p} is empty")
+    if not all(_is_number(c) for c in rows[0][1:]):
+        rows = rows[1:]
+    if not rows:
+        raise EvaluationError(f"descriptor file {p} holds a header but no descriptors")
+    named = not _is_number(rows[0][0])
+    names = [r[0] for r in rows] if named else None
+    start = 1 if named else 0
+    width = len(rows[0]) - start
+    for lineno, r in enumerate(rows, start=1):
+        if len(r) - start != width:
+            raise EvaluationError(
+                f"descriptor file {p} data row {lineno}: {len(r) - start} values, expected {width}"
+            )
+    return np.array([[float(c) for c in r[start:]] for r in rows], dtype=np.float64), names
+
+
+def _read_json(p: Path, _dims: int | None, _count: int | None) -> _Read:
+    """A list of rows, ``{"descriptors": [...], "names": [...]}`` or a list of records."""
+    data = json.loads(p.read_text())
+    names: list[str] | None = None
+    if isinstance(data, dict):
+        if "descriptors" not in data:
+            raise EvaluationError(
+                f"descriptor file {p}: JSON object without a 'descriptors' list "
+                f"(keys: {', '.join(map(str, data)) or 'none'})"
+            )
+        if data.get("names") is not None:
+            names = [str(n) for n in data["names"]]
+        data = data["descriptors"]
+    if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
+        key = next((k for k in ("values", "descriptor") if k in data[0]), None)
+        if key is None:
+            raise EvaluationError(
+                f"descriptor file {p}: records need a 'values' or 'descriptor' list"
+            )
+        name_key = next((k for k in ("id", "name", "path") if k in data[0]), None)
+        names = [str(r[name_key]) for r in data] if name_key else None
+        data = [r[key] for r in data]
+    return np.array(data, dtype=np.float64), names
+
+
+def _read_bin(p: Path, dims: int | None, count: int | None) -> _Read:
+    """Raw little-endian float32; the shape comes from the dims or the frame count."""
+    size = p.stat().st_size
+    if size % 4:
+        raise EvaluationError(
+            f"descriptor file {p}: {size} bytes is not a whole number of float32 values"
+        )
+    total = size // 4
+    if dims is None:
+        if count is None:
+            raise EvaluationError(
+                f"descriptor file {p}: a raw .bin file does not record its shape; give the "
+                f"number of dimensions (--dims-of-bin) or the positions"
+            )
+        if count < 1 or total % count:
+            raise EvaluationError(
+                f"descriptor file {p}: {total} float32 values do not split into {count} "
+                f"descriptors (one per position); check the files or give --dims-of-bin"
+            )
+        dims = total // count
+    elif dims < 1 or total % dims:
+        raise EvaluationError(
+            f"descriptor file {p}: {total} float32 values are not a whole number of "
+            f"{dims}-dimensional descriptors"
+        )
+    return np.fromfile(p, dtype="<f4").reshape(-1, dims), None
+
+
+_READERS = {
+    ".npy": _read_npy,
+    ".npz": _read_npz,
+    ".csv": _read_csv,
+    ".json": _read_json,
+    ".bin": _read_bin,
+}

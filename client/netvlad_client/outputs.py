@@ -1,0 +1,165 @@
+"""Descriptor files the CLI writes (.npy .npz .csv .json .bin) and the resume checkpoint.
+
+Every file is written to a temporary name, fsynced and renamed into place, so a reader (or a
+run that is killed) sees either the old file or the complete new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from netvlad_client.client import NetVLADInputError
+
+FORMATS = ("npy", "npz", "csv", "json", "bin")
+CHECKPOINT_VERSION = 1
+
+
+def output_format(path: Path, requested: str | None) -> str:
+    """The format to write: --format when given, else the extension (none means .npy)."""
+    if requested:
+        return requested
+    suffix = path.suffix.lower().lstrip(".")
+    if not suffix:
+        return "npy"
+    if suffix not in FORMATS:
+        raise NetVLADInputError(
+            f"cannot tell the output format from '{path.suffix}' in {path}; use one of "
+            + ", ".join(f".{name}" for name in FORMATS)
+            + " or pass --format"
+        )
+    return suffix
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in directory durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file through write(handle) to a temporary name, fsync, rename into place."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+
+
+def _text_row(row: np.ndarray) -> str:
+    """One descriptor as comma-separated decimals; 9 significant digits round-trip float32."""
+    return ",".join(f"{value:.9g}" for value in row.tolist())
+
+
+def _write_json(handle: BinaryIO, descriptors: np.ndarray, names: Sequence[str]) -> None:
+    """A JSON list of {"name", "descriptor"} objects, one line per image."""
+    handle.write(b"[\n")
+    for index, (name, row) in enumerate(zip(names, descriptors, strict=True)):
+        separator = ",\n" if index + 1 < len(names) else "\n"
+        entry = f'{{"name": {json.dumps(name)}, "descriptor": [{_text_row(row)}]}}{separator}'
+        handle.write(entry.encode())
+    handle.write(b"]\n")
+
+
+def _write(handle: BinaryIO, fmt: str, descriptors: np.ndarray, names: Sequence[str]) -> None:
+    """Serialise an (N, D) float32 array (and the names, where the format has room) to handle."""
+    if fmt == "npy":
+        np.save(handle, descriptors)
+    elif fmt == "npz":
+        np.savez(handle, descriptors=descriptors, names=np.array(list(names), dtype=str))
+    elif fmt == "csv":
+        handle.writelines(f"{_text_row(row)}\n".encode() for row in descriptors)
+    elif fmt == "json":
+        _write_json(handle, descriptors, names)
+    elif fmt == "bin":
+        # Row-major (N, D) little-endian float32: MATLAB's fread(f, [D, N], 'float32')' reads it.
+        handle.write(np.ascontiguousarray(descriptors, dtype="<f4").tobytes())
+    else:
+        raise NetVLADInputError(f"unknown output format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def write_descriptors(path: Path, fmt: str, descriptors: np.ndarray, names: Sequence[str]) -> None:
+    """Write descriptors (N, D) float32 in input order to path, atomically."""
+    descriptors = np.asarray(descriptors, dtype=np.float32)
+    atomic_write(path, lambda handle: _write(handle, fmt, descriptors, names))
+
+
+class Checkpoint:
+    """Finished chunks of a resumable run, kept in a directory next to the output.
+
+    Layout: `manifest.json` (what the descriptors were made with) and one
+    `chunk-NNNNNN.npz` per finished request holding `names` and `descriptors`. A chunk file
+    exists only once it is complete and fsynced, so a killed run loses at most the requests
+    that were in flight.
+    """
+
+    def __init__(self, directory: Path, manifest: Mapping[str, Any]):
+        self.directory = directory
+        self.manifest = {"checkpoint_version": CHECKPOINT_VERSION, **manifest}
+        self._next = 0
+
+    def open(self) -> dict[str, np.ndarray]:
+        """Create the directory or check it belongs to this run; return {name: descriptor}."""
+        manifest_path = self.directory / "manifest.json"
+        if self.directory.exists() and not manifest_path.exists() and any(self.directory.iterdir()):
+            raise NetVLADInputError(
+                f"{self.directory} exists but is not a checkpoint of this tool (no manifest.json); "
+                "move it away or choose another --out"
+            )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if manifest_path.exists():
+            self._check_manifest(json.loads(manifest_path.read_text()))
+        else:
+            text = json.dumps(self.manifest, indent=2, sort_keys=True).encode()
+            atomic_write(manifest_path, lambda handle: handle.write(text))
+        done: dict[str, np.ndarray] = {}
+        for stale in self.directory.glob(".chunk-*.tmp-*"):
+            stale.unlink(missing_ok=True)  # left by a run killed while writing
+        for chunk in sorted(self.directory.glob("chunk-*.npz")):
+            self._next = max(self._next, int(chunk.stem.split("-")[1]) + 1)
+            with np.load(chunk, allow_pickle=False) as data:
+                done.update(zip(data["names"].tolist(), data["descriptors"], strict=True))
+        return done
+
+    def _check_manifest(self, found: Mapping[str, Any]) -> None:
+        """Refuse to mix descriptors made with another model or other options."""
+        differences = [
+            f"{key} {found.get(key)!r} (now {value!r})"
+            for key, value in self.manifest.items()
+            if found.get(key) != value
+        ]
+        if differences:
+            raise NetVLADInputError(
+                f"{self.directory} holds descriptors made with " + ", ".join(differences)
+                + "; rerun with the same model and options, or delete it to start afresh"
+            )
+
+    def save(self, names: Sequence[str], descriptors: np.ndarray) -> Path:
+        """Store one finished chunk durably; returns its path."""
+        path = self.directory / f"chunk-{self._next:06d}.npz"
+        self._next += 1
+        names_array = np.array(list(names), dtype=str)
+        rows = np.asarray(descriptors, dtype=np.float32)
+        atomic_write(path, lambda handle: np.savez(handle, names=names_array, descriptors=rows))
+        return path
+
+    def remove(self) -> None:
+        """Delete the checkpoint once the final file is in place."""
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,0 +1,235 @@
+"""`netvlad-server`: load the weights once, warm up, serve DescriptorService, drain on SIGTERM.
+
+The gRPC server starts first with the standard health service saying NOT_SERVING (and
+DescriptorService answering UNAVAILABLE); it turns SERVING once the weights are loaded and the
+expected image sizes have run once. Standard server reflection is on, /metrics is served on its own
+port. SIGTERM or SIGINT: health NOT_SERVING, no new RPCs, admitted work finishes, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from netvlad_server.batching import BatchingPolicy, DynamicBatcher
+from netvlad_server.config import ServerConfig, parse_config
+from netvlad_server.metrics import ServerMetrics
+from netvlad_server.service import (
+    SERVICE_NAME,
+    BatchItem,
+    DescriptorService,
+    LoadedModel,
+    ModelDescription,
+    add_descriptor_service,
+    make_batch_runner,
+)
+
+log = logging.getLogger("netvlad_server")
+ModelLoader = Callable[[ServerConfig], LoadedModel]
+_HEALTH_NAMES = ("", SERVICE_NAME)
+_DEMO_WARNING = (
+    "DEMO WEIGHTS (%s): random weights, the descriptors MEAN NOTHING and are only good for trying "
+    "the software; pass --model with the official checkpoint directory or zip, a structed .mat or "
+    "an exported .npz (see models/)")
+
+
+def load_model(config: ServerConfig) -> LoadedModel:
+    """Read the weights named by config.model and build the TensorFlow network (slow: seconds)."""
+    import tensorflow as tf
+
+    from netvlad_server.network import NetVLADNetwork, truncate_descriptors
+    from netvlad_server.weights import load_weights
+
+    weights = load_weights(config.model)
+    network = NetVLADNetwork(weights, precision=config.precision, xla=config.xla)
+    description = ModelDescription(
+        model_name=weights.name, weight_source=weights.source, weight_format=weights.format,
+        demo=weights.format == "demo", output_dims=network.output_dims,
+        num_clusters=weights.num_clusters, cluster_dim=weights.cluster_dim,
+        precision=network.precision, xla=config.xla,
+        device="/GPU:0" if tf.config.list_logical_devices("GPU") else "/CPU:0",
+        tensorflow_version=tf.__version__)
+    return LoadedModel(forward=network, truncate=truncate_descriptors, description=description)
+
+
+def warm_up(model: LoadedModel, config: ServerConfig) -> None:
+    """Run each expected image size once so the first real request pays no tracing cost."""
+    for height, width in config.warmup_sizes:
+        start = time.perf_counter()
+        model.forward(np.zeros((1, height, width, 3), np.uint8))
+        log.info("warm-up %dx%d: %.2f s", height, width, time.perf_counter() - start)
+
+
+class NetVLADServer:
+    """The whole server in one object: start() listens, load() makes it SERVING, stop() drains."""
+
+    def __init__(self, config: ServerConfig, loader: ModelLoader = load_model) -> None:
+        self.config = config
+        self.metrics = ServerMetrics(config.max_batch_size)
+        self._loader = loader
+        self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        self.service = DescriptorService(config, self.metrics, self._decode_pool)
+        self.health: health.aio.HealthServicer | None = None
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._batcher: DynamicBatcher[BatchItem, np.ndarray] | None = None
+        self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Images waiting for the model right now."""
+        return self._batcher.depth if self._batcher is not None else 0
+
+    async def start(self) -> None:
+        """Listen for gRPC (health NOT_SERVING until load() ends) and serve /metrics."""
+        config = self.config
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ])
+        self.health = health.aio.HealthServicer()
+        for name in _HEALTH_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        add_descriptor_service(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        if config.metrics_port:
+            try:
+                self._metrics_http = self.metrics.serve(config.metrics_host, config.metrics_port)
+            except OSError as exc:
+                raise OSError(f"cannot serve metrics on {config.metrics_host}:"
+                              f"{config.metrics_port}: {exc}; choose another --metrics-port / "
+                              "NETVLAD_METRICS_PORT (0 disables metrics)") from exc
+            log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
+        else:
+            log.info("metrics endpoint disabled (--metrics-port 0)")
+        self.port = self._bind(server)
+        await server.start()
+        self._server = server
+        log.info("gRPC listening on %s:%d (health NOT_SERVING until the model is loaded)",
+                 config.host, self.port)
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        """Open the listening port; returns the port number actually bound."""
+        try:
+            port = server.add_insecure_port(self.config.address)
+        except RuntimeError as exc:
+            port, reason = 0, f": {exc}"
+        else:
+            reason = ""
+        if not port:
+            raise OSError(f"cannot listen on {self.config.address}{reason}; is the port in use? "
+                          "Choose another with --port / NETVLAD_PORT")
+        return port
+
+    async def load(self) -> None:
+        """Load the weights and warm up (in a thread; health keeps answering), then SERVING."""
+        config = self.config
+        log.info("loading weights from %r (precision %s, XLA %s)", config.model, config.precision,
+                 "on" if config.xla else "off")
+        start = time.perf_counter()
+        model = await asyncio.to_thread(self._loader, config)
+        d = model.description
+        log.info("loaded %s (%s from %s): output %d dims, K=%d clusters of %d dims, precision %s, "
+                 "device %s, TensorFlow %s, in %.1f s", d.model_name, d.weight_format,
+                 d.weight_source, d.output_dims, d.num_clusters, d.cluster_dim, d.precision,
+                 d.device, d.tensorflow_version, time.perf_counter() - start)
+        if d.demo:
+            log.warning(_DEMO_WARNING, d.weight_source)
+        await asyncio.to_thread(warm_up, model, config)
+        policy = BatchingPolicy(max_batch_size=config.max_batch_size,
+                                max_queue_delay=config.max_queue_delay_ms / 1000.0,
+                                max_queue_size=config.max_queue_size)
+        self._batcher = DynamicBatcher(make_batch_runner(model), policy, observer=self.metrics,
+                                       thread_name="model")
+        self._batcher.start()
+        self.service.attach(model, self._batcher)
+        self.metrics.set_model(model=d.model_name, precision=d.precision,
+                               output_dims=d.output_dims, weight_format=d.weight_format,
+                               demo=d.demo)
+        assert self.health is not None
+        for name in _HEALTH_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("SERVING: max_batch_size %d, max_queue_delay %.1f ms, max_queue_size %d images, "
+                 "max %d images per request, default resize %s", config.max_batch_size,
+                 config.max_queue_delay_ms, config.max_queue_size, config.max_images_per_request,
+                 config.resize)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new RPCs, let admitted ones finish (up to grace s), close."""
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        self.service.begin_shutdown()
+        if self._server is not None:
+            log.info("draining: %d image(s) queued, up to %.0f s for admitted requests",
+                     self.queue_depth, grace)
+            await self._server.stop(grace)
+        if self._batcher is not None:
+            await self._batcher.close()
+        self._decode_pool.shutdown(wait=True)
+        if self._metrics_http is not None:
+            http, thread = self._metrics_http
+            http.shutdown()
+            http.server_close()
+            thread.join()
+        log.info("stopped")
+
+
+async def serve(config: ServerConfig, loader: ModelLoader = load_model) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the process exit code."""
+    server = NetVLADServer(config, loader)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    loading = asyncio.create_task(server.load())
+    waiting = asyncio.create_task(stopping.wait())
+    done, _ = await asyncio.wait((loading, waiting), return_when=asyncio.FIRST_COMPLETED)
+    if loading in done and loading.exception() is None:
+        await waiting  # serving until a signal
+    if not loading.done():
+        log.info("signal received while loading; shutting down once loading ends")
+        await asyncio.wait((loading,))
+    exc = loading.exception()
+    if exc is not None:
+        log.error("could not load the model: %s", exc,
+                  exc_info=not isinstance(exc, (ValueError, OSError)))
+    else:
+        log.info("signal received: shutting down")
+    waiting.cancel()
+    await server.stop()
+    return 0 if exc is None else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of netvlad-server: parse flags (NETVLAD_* fallbacks), serve, exit code."""
+    config = parse_config(argv)
+    logging.basicConfig(level=config.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # hostile files spam warnings
+    if config.model_is_default and config.model == "demo":
+        log.warning("no --model given and no official weights under models/: " + _DEMO_WARNING,
+                    config.model)
+    elif config.model_is_default:
+        log.info("no --model given: using %s", config.model)
+    try:
+        return asyncio.run(serve(config))
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1

@@ -1,0 +1,91 @@
+"""Prometheus metrics of the server, on a registry of their own, served on /metrics.
+
+Dashboards are built on exactly these names: netvlad_requests_total{method,code},
+netvlad_images_total, netvlad_image_errors_total{reason}, netvlad_batch_size,
+netvlad_queue_wait_seconds, netvlad_inference_seconds, netvlad_request_duration_seconds{method},
+netvlad_queue_depth and netvlad_model_info{model,precision,output_dims,format,demo}.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0)
+QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                      5.0, 10.0)
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """One bucket per batch size up to 16, then powers of two, always ending at max_batch_size."""
+    sizes = {size for size in range(1, min(max_batch_size, 16) + 1)}
+    power = 32
+    while power < max_batch_size:
+        sizes.add(power)
+        power *= 2
+    sizes.add(max_batch_size)
+    return tuple(float(size) for size in sorted(sizes))
+
+
+class ServerMetrics:
+    """All server metrics; also the batcher's observer (queue depth, batch sizes, timings)."""
+
+    def __init__(self, max_batch_size: int, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter("netvlad_requests", "RPCs (stream messages for the streaming "
+                                "method) by method and gRPC status code", ["method", "code"],
+                                registry=reg)
+        self.images = Counter("netvlad_images", "Images described successfully", registry=reg)
+        self.image_errors = Counter("netvlad_image_errors", "Images refused, by reason",
+                                    ["reason"], registry=reg)
+        self.batch_size = Histogram("netvlad_batch_size", "Images per model call",
+                                    buckets=batch_size_buckets(max_batch_size), registry=reg)
+        self.queue_wait = Histogram("netvlad_queue_wait_seconds",
+                                    "Time an image waited in the queue before its batch ran",
+                                    buckets=QUEUE_WAIT_BUCKETS, registry=reg)
+        self.inference = Histogram("netvlad_inference_seconds",
+                                   "Duration of one model call (a whole batch)",
+                                   buckets=LATENCY_BUCKETS, registry=reg)
+        self.request_duration = Histogram("netvlad_request_duration_seconds",
+                                          "End-to-end handling time of an RPC (or stream message)",
+                                          ["method"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.depth = Gauge("netvlad_queue_depth", "Images waiting in the queue", registry=reg)
+        self.model_info = Info("netvlad_model", "The loaded model", registry=reg)
+
+    def request_done(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """Count one finished RPC (or stream message) and its duration."""
+        self.requests.labels(method, code.name).inc()
+        self.request_duration.labels(method).observe(seconds)
+
+    def image_refused(self, reason: str) -> None:
+        """Count one refused image under its reason code."""
+        self.image_errors.labels(reason).inc()
+
+    def set_model(self, *, model: str, precision: str, output_dims: int, weight_format: str,
+                  demo: bool) -> None:
+        """Publish which model is loaded."""
+        self.model_info.info({"model": model, "precision": precision,
+                              "output_dims": str(output_dims), "format": weight_format,
+                              "demo": "true" if demo else "false"})
+
+    def queue_depth(self, depth: int) -> None:
+        """Batcher observer: the number of queued images changed."""
+        self.depth.set(depth)
+
+    def batch_done(self, size: int, queue_waits: Sequence[float], run_seconds: float,
+                   failed: bool) -> None:
+        """Batcher observer: a batch ran."""
+        self.batch_size.observe(size)
+        self.inference.observe(run_seconds)
+        for wait in queue_waits:
+            self.queue_wait.observe(wait)
+
+    def serve(self, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
+        """Start the /metrics HTTP endpoint on a daemon thread; returns (server, thread)."""
+        return start_http_server(port, addr=host, registry=self.registry)

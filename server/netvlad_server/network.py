@@ -1,0 +1,193 @@
+"""The NetVLAD forward pass (VGG16 to conv5_3, NetVLAD, whitening PCA) written from tf.nn ops.
+
+Every size (channels, clusters K, descriptor dims D, output dims) is read from the weights, so the
+tiny test model and the released 4096-D model run through exactly the same code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from netvlad_server.weights import CONV_LAYERS, POOL_AFTER, NetVLADWeights
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+MIN_SIDE = 16  # four 2x2 'valid' poolings must leave at least one pixel
+
+# Tail of the network after conv5_3, as (name, MatConvNet layer type), in the released file's order.
+_TAIL = (
+    ("preL2", "normalize"),
+    ("vlad_core", "custom"),
+    ("intranorm", "normalize"),
+    ("postL2", "custom"),
+    ("WPCA", "conv"),
+    ("finalL2", "custom"),
+)
+
+
+class ImageShapeError(ValueError):
+    """An image array the network cannot take: wrong rank, channel count, size or pixel type."""
+
+
+def layer_plan() -> list[tuple[str, str]]:
+    """(name, MatConvNet type) of every layer in MatConvNet order, as layer_outputs yields it."""
+    plan: list[tuple[str, str]] = []
+    for conv in CONV_LAYERS:
+        suffix = conv.removeprefix("conv")  # "1_1"
+        plan.append((conv, "conv"))
+        if conv != CONV_LAYERS[-1]:
+            plan.append((f"relu{suffix}", "relu"))
+        if conv in POOL_AFTER:
+            plan.append((f"pool{suffix[0]}", "pool"))
+    plan.extend(_TAIL)
+    return plan
+
+
+def check_images(images: np.ndarray) -> np.ndarray:
+    """Return images as float32 [B, H, W, C], or raise ImageShapeError saying what is wrong."""
+    array = np.asarray(images)
+    if array.ndim == 3:
+        array = array[np.newaxis]
+    if array.ndim != 4:
+        raise ImageShapeError(
+            f"expected one image [H, W, C] or a batch [B, H, W, C]; got an array of rank "
+            f"{array.ndim} with shape {tuple(array.shape)}"
+        )
+    batch, height, width, channels = array.shape
+    if batch == 0:
+        raise ImageShapeError("got an empty batch (shape has B = 0); send at least one image")
+    if channels not in (1, 3):
+        raise ImageShapeError(
+            f"expected 1 (grayscale) or 3 (RGB) channels in the last axis; got {channels} "
+            f"(shape {tuple(array.shape)}); drop alpha channels and use channels-last layout"
+        )
+    if height < MIN_SIDE or width < MIN_SIDE:
+        raise ImageShapeError(
+            f"image is {height}x{width} pixels; both sides must be at least {MIN_SIDE} "
+            f"(four 2x2 poolings must leave one pixel); resize it up"
+        )
+    if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
+        raise ImageShapeError(
+            f"expected uint8 or float pixel values in 0..255; got dtype {array.dtype}"
+        )
+    if array.dtype != np.uint8 and not np.isfinite(array).all():
+        raise ImageShapeError("image holds NaN or infinite pixel values")
+    return array.astype(np.float32, copy=False)
+
+
+def _check_dims(dims: int, full: int) -> None:
+    """Refuse a truncation length that is not an integer from 1 to the descriptor length."""
+    if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or not 1 <= dims <= full:
+        raise ValueError(f"dims must be an integer from 1 to {full}; got {dims!r}")
+
+
+def truncate_descriptors(desc: np.ndarray, dims: int) -> np.ndarray:
+    """Keep the first `dims` values of each row (PCA order) and rescale rows to unit L2 norm."""
+    desc = np.asarray(desc, dtype=np.float32)
+    _check_dims(dims, desc.shape[-1])
+    head = desc[..., :dims]
+    norms = np.sqrt(np.maximum(np.sum(head * head, axis=-1, keepdims=True), 1e-12))
+    return (head / norms).astype(np.float32)
+
+
+def _l2_max(x: tf.Tensor, axis: int) -> tf.Tensor:
+    """x / sqrt(max(sum x^2, 1e-12)) along axis (SPEC steps 8 and 14)."""
+    return x / tf.sqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=axis, keepdims=True), 1e-12))
+
+
+def _l2_plus(x: tf.Tensor, axis: int) -> tf.Tensor:
+    """x / sqrt(sum x^2 + 1e-12) along axis, MatConvNet style (SPEC steps 11 and 12)."""
+    return x / tf.sqrt(tf.reduce_sum(tf.square(x), axis=axis, keepdims=True) + 1e-12)
+
+
+class NetVLADNetwork:
+    """Image batches in, whitened unit-length NetVLAD descriptors out; weights loaded once."""
+
+    def __init__(self, weights: NetVLADWeights, precision: str = "float32", xla: bool = False):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        self.precision = precision
+        self.xla = xla
+        self._dtype = tf.as_dtype(precision)  # convolutions, ReLUs and pools run in this type
+        t = weights.tensors
+        self._mean = tf.constant(np.reshape(t["average_rgb"], [3]), tf.float32)
+        self._convs = [
+            (
+                tf.constant(t[f"{name}/kernel"], self._dtype),  # [kh, kw, in, out]
+                tf.constant(t[f"{name}/bias"], self._dtype),  # [out]
+            )
+            for name in CONV_LAYERS
+        ]
+        dims, clusters = t["assignment/kernel"].shape[2:]
+        self.cluster_dim, self.num_clusters = int(dims), int(clusters)
+        self._assign = tf.constant(np.reshape(t["assignment/kernel"], [dims, clusters]))  # D x K
+        self._centers = tf.constant(np.reshape(t["cluster_centers"], [dims, clusters]))  # D x K
+        wpca = t["WPCA/kernel"]
+        self.output_dims = int(wpca.shape[-1])
+        self._wpca = tf.constant(np.reshape(wpca, [dims * clusters, self.output_dims]))  # DK x P
+        self._wpca_bias = tf.constant(t["WPCA/bias"])  # [P]
+        self.layer_names = [name for name, _ in layer_plan()]
+        images = tf.TensorSpec([None, None, None, None], tf.float32)
+        offset = tf.TensorSpec([3], tf.float32)
+        self._descriptors = tf.function(
+            lambda x: self._layers(x, self._mean)[-1], input_signature=[images], jit_compile=xla
+        )
+        self._all_layers = tf.function(self._layers, input_signature=[images, offset])
+
+    def _layers(self, images: tf.Tensor, offset: tf.Tensor) -> list[tf.Tensor]:
+        """Every layer's output, in layer_plan() order, for float32 images [B, H, W, C]."""
+        out: list[tf.Tensor] = []
+        # Steps 0-1: [B,H,W,1] - [3] broadcasts a gray channel to RGB while subtracting the mean.
+        x = tf.ensure_shape(images - offset, [None, None, None, 3])
+        x = tf.cast(x, self._dtype)
+        for name, (kernel, bias) in zip(CONV_LAYERS, self._convs, strict=True):
+            x = tf.nn.bias_add(tf.nn.conv2d(x, kernel, strides=1, padding="SAME"), bias)
+            out.append(x)
+            if name != CONV_LAYERS[-1]:  # conv5_3 has no ReLU
+                x = tf.nn.relu(x)
+                out.append(x)
+            if name in POOL_AFTER:
+                x = tf.nn.max_pool2d(x, ksize=2, strides=2, padding="VALID")
+                out.append(x)
+        d, k = self.cluster_dim, self.num_clusters
+        x = _l2_max(tf.cast(x, tf.float32), axis=-1)  # [B, H', W', D]
+        out.append(x)
+        batch = tf.shape(x)[0]
+        feats = tf.reshape(x, [batch, -1, d])  # [B, N, D], N = H' * W' positions
+        assign = tf.nn.softmax(tf.einsum("bnd,dk->bnk", feats, self._assign), axis=-1)  # [B,N,K]
+        # V[d,k] = sum_p a_k(p) x_d(p) + C[d,k] * sum_p a_k(p)
+        vlad = tf.einsum("bnd,bnk->bdk", feats, assign)  # [B, D, K]
+        vlad += self._centers * tf.reduce_sum(assign, axis=1)[:, tf.newaxis, :]
+        out.append(vlad)
+        vlad = _l2_plus(vlad, axis=1)  # intra-normalisation: each cluster's D-vector
+        out.append(vlad)
+        flat = _l2_plus(tf.reshape(vlad, [batch, d * k]), axis=-1)  # D-major: V[d,k] -> d*K + k
+        out.append(flat)
+        whitened = tf.matmul(flat, self._wpca) + self._wpca_bias  # [B, P]
+        out.append(whitened)
+        out.append(_l2_max(whitened, axis=-1))
+        return out
+
+    def __call__(self, images: np.ndarray, dims: int | None = None) -> np.ndarray:
+        """Describe images [B,H,W,C] or [H,W,C] (uint8 or float 0..255) as float32 [B, dims]."""
+        if dims is not None:
+            _check_dims(dims, self.output_dims)  # before the forward pass, not after
+        desc = self._descriptors(tf.constant(check_images(images))).numpy()
+        return desc if dims is None else truncate_descriptors(desc, dims)
+
+    def layer_outputs(
+        self, images: np.ndarray, subtract_mean: bool = True
+    ) -> list[tuple[str, np.ndarray]]:
+        """Every layer's float32 output for a batch, with the batch axis, in MatConvNet order.
+
+        Layouts: VGG layers and preL2 [B,H,W,C]; vlad_core, intranorm [B,D,K]; postL2 [B,D*K];
+        WPCA, finalL2 [B,P]. subtract_mean=False takes images whose mean was already removed,
+        as MatConvNet's vl_simplenn receives them.
+        """
+        array = check_images(images)
+        offset = self._mean if subtract_mean else tf.zeros([3], tf.float32)
+        tensors = self._all_layers(tf.constant(array), offset)
+        return [
+            (name, tf.cast(t, tf.float32).numpy())
+            for name, t in zip(self.layer_names, tensors, strict=True)
+        ]

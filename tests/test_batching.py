@@ -1,0 +1,304 @@
+"""The dynamic batcher on its own, around plain Python functions (no model, no gRPC)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from netvlad_server.batching import (
+    BatcherClosedError,
+    BatchFailedError,
+    BatchingPolicy,
+    DeadlineExpiredError,
+    DynamicBatcher,
+    QueueFullError,
+)
+
+
+class Recorder:
+    """A run function that records each batch, its thread, and can be held at a gate."""
+
+    def __init__(self, fail_on: object = None) -> None:
+        self.batches: list[list[tuple[str, int]]] = []
+        self.threads: set[int] = set()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.active = 0
+        self.max_active = 0
+        self.fail_on = fail_on
+        self._lock = threading.Lock()
+
+    def __call__(self, items: list[tuple[str, int]]) -> list[int]:
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        self.threads.add(threading.get_ident())
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append(list(items))
+        with self._lock:
+            self.active -= 1
+        if any(key == self.fail_on for key, _ in items):
+            raise RuntimeError(f"cannot run key {self.fail_on}")
+        return [value * 10 for _, value in items]
+
+    @property
+    def values_run(self) -> list[int]:
+        return [value for batch in self.batches for _, value in batch]
+
+
+class Observer:
+    """Collects what the batcher reports to monitoring."""
+
+    def __init__(self) -> None:
+        self.depths: list[int] = []
+        self.sizes: list[int] = []
+        self.failed: list[bool] = []
+
+    def queue_depth(self, depth: int) -> None:
+        self.depths.append(depth)
+
+    def batch_done(self, size: int, queue_waits: Sequence[float], run_seconds: float,
+                   failed: bool) -> None:
+        assert len(queue_waits) == size and run_seconds >= 0
+        self.sizes.append(size)
+        self.failed.append(failed)
+
+
+def make(run: Recorder, observer: Observer | None = None, **policy: float) -> DynamicBatcher:
+    """A started batcher (call inside a running loop)."""
+    batcher = DynamicBatcher(run, BatchingPolicy(**policy), observer=observer)
+    batcher.start()
+    return batcher
+
+
+def submit(batcher: DynamicBatcher, key: str, *values: int, timeout: float | None = None):
+    """Submit values under one key."""
+    return batcher.submit([(key, (key, value)) for value in values], timeout=timeout)
+
+
+async def wait_entered(run: Recorder) -> None:
+    """Wait (without blocking the loop) until the run function has been entered."""
+    for _ in range(500):
+        if run.entered.is_set():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("run was never called")
+
+
+def test_each_caller_gets_its_own_result_in_batches_of_one_key():
+    async def scenario():
+        run, observer = Recorder(), Observer()
+        batcher = make(run, observer, max_batch_size=4, max_queue_delay=0.2, max_queue_size=64)
+        futures = [submit(batcher, "a" if i % 2 else "b", i)[0] for i in range(8)]
+        results = await asyncio.wait_for(asyncio.gather(*futures), 10)
+        await batcher.close()
+        return run, observer, results
+
+    run, observer, results = asyncio.run(scenario())
+    assert results == [i * 10 for i in range(8)]
+    assert sorted(len(batch) for batch in run.batches) == [4, 4]
+    for batch in run.batches:
+        assert len({key for key, _ in batch}) == 1, f"keys mixed in {batch}"
+    assert observer.sizes == [4, 4] and observer.failed == [False, False]
+    assert observer.depths[-1] == 0
+
+
+def test_batches_never_exceed_max_batch_size():
+    async def scenario():
+        run = Recorder()
+        batcher = make(run, max_batch_size=4, max_queue_delay=0.05, max_queue_size=64)
+        results = await asyncio.gather(*submit(batcher, "k", *range(10)))
+        await batcher.close()
+        return run, results
+
+    run, results = asyncio.run(scenario())
+    assert results == [v * 10 for v in range(10)]
+    assert [len(batch) for batch in run.batches] == [4, 4, 2]
+
+
+def test_a_partial_batch_waits_for_later_items_within_the_delay():
+    async def scenario():
+        run = Recorder()
+        batcher = make(run, max_batch_size=8, max_queue_delay=1.0, max_queue_size=64)
+        first = submit(batcher, "k", 1)
+        await asyncio.sleep(0.05)
+        second = submit(batcher, "k", 2)
+        await asyncio.gather(*first, *second)
+        await batcher.close()
+        return run
+
+    assert [len(batch) for batch in asyncio.run(scenario()).batches] == [2]
+
+
+def test_a_full_batch_runs_without_waiting_for_the_delay():
+    async def scenario():
+        run = Recorder()
+        batcher = make(run, max_batch_size=3, max_queue_delay=60.0, max_queue_size=64)
+        results = await asyncio.wait_for(asyncio.gather(*submit(batcher, "k", 1, 2, 3)), 10)
+        await batcher.close()
+        return results
+
+    assert asyncio.run(scenario()) == [10, 20, 30]
+
+
+def test_the_oldest_ready_key_runs_first():
+    async def scenario():
+        run = Recorder()
+        batcher = make(run, max_batch_size=2, max_queue_delay=0.0, max_queue_size=64)
+        run.gate.clear()
+        busy = submit(batcher, "x", 0)
+        await wait_entered(run)
+        older = submit(batcher, "b", 1)
+        newer = submit(batcher, "a", 2, 3)  # a full batch, but younger than b's item
+        run.gate.set()
+        await asyncio.gather(*busy, *older, *newer)
+        await batcher.close()
+        return run
+
+    run = asyncio.run(scenario())
+    assert [[key for key, _ in batch] for batch in run.batches] == [["x"], ["b"], ["a", "a"]]
+
+
+def test_run_happens_on_one_worker_thread_never_concurrently_nor_on_the_loop():
+    async def scenario():
+        run = Recorder()
+        batcher = make(run, max_batch_size=2, max_queue_delay=0.0, max_queue_size=64)
+        futures = [f for i in range(12) for f in submit(batcher, f"k{i % 3}", i)]
+        await asyncio.gather(*futures)
+        await batcher.close()
+        return run, threading.get_ident()
+
+    run, loop_thread = asyncio.run(scenario())
+    assert len(run.threads) == 1 and loop_thread not in run.threads
+    assert run.max_active == 1
+
+
+def test_a_full_queue_refuses_at_once_and_all_or_nothing():
+    async def scenario():
+        run = Recorder()
+        batcher = make(run, max_batch_size=1, max_queue_delay=0.0, max_queue_size=3)
+        run.gate.clear()
+        running = submit(batcher, "k", 0)
+        await wait_entered(run)  # item 0 left the queue and runs
+        queued = submit(batcher, "k", 1, 2)
+        with pytest.raises(QueueFullError, match="holds 2 of 3"):
+            submit(batcher, "k", 3, 4)  # two do not fit in the one free place
+        assert batcher.depth == 2
+        last = submit(batcher, "k", 5)
+        with pytest.raises(QueueFullError):
+            submit(batcher, "k", 6)
+        run.gate.set()
+        results = await asyncio.gather(*running, *queued, *last)
+        await batcher.close()
+        return run, results
+
+    run, results = asyncio.run(scenario())
+    assert results == [0, 10, 20, 50]
+    assert run.values_run == [0, 1, 2, 5]
+
+
+def test_cancelled_items_free_their_place_and_never_run():
+    async def scenario():
+        run, observer = Recorder(), Observer()
+        batcher = make(run, observer, max_batch_size=4, max_queue_delay=0.0, max_queue_size=4)
+        run.gate.clear()
+        running = submit(batcher, "k", 0)
+        await wait_entered(run)
+        doomed = submit(batcher, "k", 1, 2, 3, 4)
+        assert batcher.depth == 4
+        for future in doomed[:3]:
+            future.cancel()
+        await asyncio.sleep(0)  # done-callbacks run on the next loop iteration
+        assert batcher.depth == 1
+        kept = submit(batcher, "k", 5, 6, 7)  # the freed places are usable again
+        run.gate.set()
+        results = await asyncio.gather(*running, doomed[3], *kept)
+        await batcher.close()
+        return run, results
+
+    run, results = asyncio.run(scenario())
+    assert results == [0, 40, 50, 60, 70]
+    assert sorted(run.values_run) == [0, 4, 5, 6, 7]
+
+
+def test_items_past_their_deadline_are_dropped_before_running():
+    async def scenario():
+        run = Recorder()
+        batcher = make(run, max_batch_size=4, max_queue_delay=0.0, max_queue_size=8)
+        run.gate.clear()
+        running = submit(batcher, "k", 0)
+        await wait_entered(run)
+        expiring = submit(batcher, "k", 1, timeout=0.05)
+        patient = submit(batcher, "k", 2, timeout=30.0)
+        await asyncio.sleep(0.2)
+        run.gate.set()
+        with pytest.raises(DeadlineExpiredError, match="deadline passed"):
+            await expiring[0]
+        results = await asyncio.gather(*running, *patient)
+        await batcher.close()
+        return run, results
+
+    run, results = asyncio.run(scenario())
+    assert results == [0, 20]
+    assert run.values_run == [0, 2]
+
+
+def test_a_failing_run_fails_only_its_batch_and_the_batcher_goes_on():
+    async def scenario():
+        run, observer = Recorder(fail_on="bad"), Observer()
+        batcher = make(run, observer, max_batch_size=4, max_queue_delay=0.05, max_queue_size=16)
+        bad = submit(batcher, "bad", 1, 2)
+        good = submit(batcher, "good", 3, 4)
+        outcomes = await asyncio.gather(*bad, *good, return_exceptions=True)
+        after = await asyncio.gather(*submit(batcher, "good", 5))
+        await batcher.close()
+        return observer, outcomes, after
+
+    observer, outcomes, after = asyncio.run(scenario())
+    for outcome in outcomes[:2]:
+        assert isinstance(outcome, BatchFailedError)
+        assert "cannot run key bad" in str(outcome)
+        assert isinstance(outcome.__cause__, RuntimeError)
+    assert outcomes[2:] == [30, 40]
+    assert after == [50]
+    assert sorted(observer.failed) == [False, False, True]
+
+
+def test_a_run_returning_the_wrong_number_of_results_fails_the_batch():
+    async def scenario():
+        batcher = DynamicBatcher(lambda items: items[:-1], BatchingPolicy(2, 0.0, 4))
+        batcher.start()
+        outcomes = await asyncio.gather(*batcher.submit([("k", 1), ("k", 2)]),
+                                        return_exceptions=True)
+        await batcher.close()
+        return outcomes
+
+    for outcome in asyncio.run(scenario()):
+        assert isinstance(outcome, BatchFailedError) and "1 results for a batch of 2" in str(outcome)
+
+
+def test_close_finishes_admitted_work_without_waiting_delays_then_refuses():
+    async def scenario():
+        run = Recorder()
+        batcher = make(run, max_batch_size=8, max_queue_delay=60.0, max_queue_size=16)
+        futures = submit(batcher, "a", 1, 2) + submit(batcher, "b", 3)
+        await asyncio.wait_for(batcher.close(), 10)
+        assert all(future.done() for future in futures)
+        with pytest.raises(BatcherClosedError):
+            submit(batcher, "a", 4)
+        return [future.result() for future in futures]
+
+    assert asyncio.run(scenario()) == [10, 20, 30]
+
+
+def test_submit_before_start_is_refused_and_bad_policies_rejected():
+    batcher = DynamicBatcher(lambda items: items, BatchingPolicy())
+    with pytest.raises(BatcherClosedError):
+        batcher.submit([("k", 1)])
+    with pytest.raises(ValueError, match="invalid batching policy"):
+        BatchingPolicy(max_batch_size=0)

@@ -1,0 +1,293 @@
+"""`netvlad-client` against a real server subprocess: describe, formats, resume, info, health."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from client_support import random_image, reference, write_png
+from conftest import free_port
+from netvlad_client.cli import main
+
+ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def server(tiny_server_process):
+    return tiny_server_process
+
+
+def run(server, *args: str) -> int:
+    """netvlad-client --target SERVER ARGS, in this process."""
+    return main(["--target", server.target, *args])
+
+
+def one_line_error(capsys, *words: str) -> str:
+    """The CLI's stderr after a failure: one line, no traceback, holding every word."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def settled(server, name: str) -> float:
+    """A server metric once it has stopped changing for half a second."""
+    value = server.metric(name)
+    while True:
+        time.sleep(0.5)
+        value, previous = server.metric(name), value
+        if value == previous:
+            return value
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A folder of 9 PNGs (gray and RGB, two sizes) plus a non-image file; pixels by name."""
+    directory = tmp_path / "seq"
+    directory.mkdir()
+    pixels = {}
+    for i in range(9):
+        image = random_image(100 + i, 32 + 8 * (i % 2), 48, channels=1 if i % 3 == 0 else 3)
+        pixels[str(write_png(directory / f"{i:03d}.png", image))] = image
+    (directory / "notes.txt").write_text("not an image")
+    return directory, pixels
+
+
+def test_describe_one_image_equals_the_network(server, tmp_path):
+    image = random_image(1, 48, 64)
+    path = write_png(tmp_path / "img.png", image)
+    out = tmp_path / "d.npy"
+    assert run(server, "describe", str(path), "--out", str(out)) == 0
+    got = np.load(out)
+    assert got.dtype == np.float32 and got.shape == (1, 32)
+    np.testing.assert_array_equal(got[0], reference(image))
+
+
+def test_every_output_format_reads_back(server, folder, tmp_path):
+    directory, pixels = folder
+    names = sorted(pixels)
+    expected = np.stack([reference(pixels[name]) for name in names])
+    outputs = {}
+    for fmt in ("npy", "npz", "csv", "json", "bin"):
+        out = tmp_path / f"d.{fmt}"
+        # One image per model call, so that every run computes bit-identical rows.
+        assert run(server, "describe", str(directory), "--out", str(out), "--batch-size", "1",
+                   "--concurrency", "1") == 0
+        outputs[fmt] = out
+    npy = np.load(outputs["npy"])
+    np.testing.assert_allclose(npy, expected, atol=ATOL, rtol=0)
+    with np.load(outputs["npz"]) as data:
+        np.testing.assert_array_equal(data["descriptors"], npy)
+        assert data["names"].tolist() == names
+    csv = np.loadtxt(outputs["csv"], delimiter=",", dtype=np.float32, ndmin=2)
+    np.testing.assert_array_equal(csv, npy)  # 9 significant digits round-trip float32
+    entries = json.loads(outputs["json"].read_text())
+    assert [entry["name"] for entry in entries] == names
+    np.testing.assert_array_equal(
+        np.array([entry["descriptor"] for entry in entries], dtype=np.float32), npy
+    )
+    n, d = npy.shape
+    raw = np.fromfile(outputs["bin"], dtype="<f4")
+    assert raw.size == n * d
+    np.testing.assert_array_equal(raw.reshape(n, d), npy)
+    # MATLAB: fread(f, [D, N], 'float32') fills a D x N matrix column by column; ' transposes.
+    np.testing.assert_array_equal(raw.reshape((d, n), order="F").T, npy)
+
+
+def test_format_flag_overrides_the_extension(server, tmp_path):
+    path = write_png(tmp_path / "a.png", random_image(2))
+    out = tmp_path / "descriptors.dat"
+    assert run(server, "describe", str(path), "--out", str(out), "--format", "bin") == 0
+    np.testing.assert_allclose(np.fromfile(out, "<f4"), reference(random_image(2)),
+                               atol=ATOL, rtol=0)
+
+
+def test_dims_option(server, tmp_path):
+    path = write_png(tmp_path / "a.png", random_image(3))
+    out = tmp_path / "d.npy"
+    assert run(server, "describe", str(path), "--out", str(out), "--dims", "8") == 0
+    got = np.load(out)
+    assert got.shape == (1, 8)
+    np.testing.assert_allclose(got[0], reference(random_image(3), dims=8), atol=ATOL, rtol=0)
+
+
+def test_concurrency_keeps_input_order(server, folder, tmp_path):
+    _, pixels = folder
+    files = sorted(pixels, reverse=True)  # explicit order, not the folder's
+    out = tmp_path / "d.npz"
+    code = run(server, "describe", *files, "--out", str(out), "--batch-size", "1",
+               "--concurrency", "4")
+    assert code == 0
+    with np.load(out) as data:
+        assert data["names"].tolist() == files
+        np.testing.assert_allclose(data["descriptors"],
+                                   np.stack([reference(pixels[f]) for f in files]),
+                                   atol=ATOL, rtol=0)
+
+
+def test_input_errors_are_one_line(server, folder, tmp_path, capsys):
+    directory, pixels = folder
+    image = next(iter(pixels))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = str(tmp_path / "d.npy")
+    assert run(server, "describe", str(tmp_path / "nope.png"), image, "--out", out) == 1
+    one_line_error(capsys, "not found", "nope.png")
+    assert run(server, "describe", str(directory / "notes.txt"), "--out", out) == 1
+    one_line_error(capsys, "not an image file", "notes.txt")
+    assert run(server, "describe", str(empty), "--out", out) == 1
+    one_line_error(capsys, "no image files in directory", str(empty))
+    assert run(server, "describe", image, "--out", str(tmp_path / "d.xyz")) == 1
+    one_line_error(capsys, "cannot tell the output format", ".xyz", "--format")
+    assert run(server, "describe", image, "--out", str(tmp_path / "no" / "d.npy")) == 1
+    one_line_error(capsys, "does not exist")
+    assert run(server, "describe", image, "--out", out, "--dims", "64") == 1
+    one_line_error(capsys, "--dims 64", "32")
+    assert not Path(out).exists()
+
+
+def test_server_refusal_is_one_line_with_the_file(server, folder, tmp_path, capsys):
+    directory, _ = folder
+    (directory / "100.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert run(server, "describe", str(directory), "--out", str(tmp_path / "d.npy")) == 1
+    one_line_error(capsys, "INVALID_ARGUMENT", str(directory / "100.png"))
+
+
+def test_unreachable_server_is_one_line(tmp_path, capsys):
+    path = write_png(tmp_path / "a.png", random_image(4))
+    code = main(["--target", f"127.0.0.1:{free_port()}", "--retries", "0", "describe",
+                 str(path), "--out", str(tmp_path / "d.npy")])
+    assert code == 1
+    one_line_error(capsys, "unavailable")
+
+
+def test_target_from_the_environment(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("NETVLAD_TARGET", server.target)
+    path = write_png(tmp_path / "a.png", random_image(5))
+    assert main(["describe", str(path), "--out", str(tmp_path / "d.npy")]) == 0
+
+
+def test_progress_bar(server, folder, tmp_path, capsys):
+    directory, pixels = folder
+    out = str(tmp_path / "d.npy")
+    assert run(server, "describe", str(directory), "--out", out, "--batch-size", "2",
+               "--progress", "always") == 0
+    assert f"{len(pixels)}/{len(pixels)} images" in capsys.readouterr().err
+    assert run(server, "describe", str(directory), "--out", out, "--batch-size", "2") == 0
+    assert "images/s" not in capsys.readouterr().err  # auto: stderr is not a terminal here
+
+
+def test_resume_after_a_failure_redoes_nothing(server, folder, tmp_path, capsys):
+    directory, pixels = folder
+    names = sorted(pixels)
+    clean = tmp_path / "clean.npy"
+    assert run(server, "describe", str(directory), "--out", str(clean)) == 0
+    capsys.readouterr()
+    # A corrupt file in the middle stops the run; the chunks before it are saved (and one that
+    # was already in flight may be too).
+    bad = Path(names[5])
+    good_bytes = bad.read_bytes()
+    bad.write_bytes(good_bytes[:50])
+    out = tmp_path / "d.npy"
+    partial = tmp_path / "d.npy.partial"
+    args = ["describe", str(directory), "--out", str(out), "--batch-size", "2",
+            "--concurrency", "1", "--resume"]
+    assert run(server, *args) == 1
+    chunks = sorted(partial.glob("chunk-*.npz"))
+    saved = [name for chunk in chunks for name in np.load(chunk)["names"].tolist()]
+    assert saved in (names[:4], names[:4] + names[6:8])
+    one_line_error(capsys, "INVALID_ARGUMENT", str(bad), f"{len(saved)} of 9 images are saved")
+    assert not out.exists()
+    # Mark a saved row: if the second run recomputed it, the mark would be gone.
+    with np.load(chunks[0]) as data:
+        marked = data["descriptors"].copy()
+    marked[0] = -marked[0]
+    np.savez(chunks[0], names=np.array(names[:2]), descriptors=marked)
+    bad.write_bytes(good_bytes)
+    before = server.metric("netvlad_images_total")
+    assert run(server, *args) == 0
+    assert server.metric("netvlad_images_total") - before == 9 - len(saved)
+    assert f"resuming: {len(saved)} of 9 images" in capsys.readouterr().err
+    assert not partial.exists()
+    got, expected = np.load(out), np.load(clean)
+    np.testing.assert_array_equal(got[0], -expected[0])
+    np.testing.assert_allclose(got[1:], expected[1:], atol=ATOL, rtol=0)
+
+
+def test_resume_refuses_a_checkpoint_of_other_options(server, folder, tmp_path, capsys):
+    directory, _ = folder
+    (directory / "004.png").write_bytes(b"broken")
+    out = str(tmp_path / "d.npy")
+    assert run(server, "describe", str(directory), "--out", out, "--resume",
+               "--batch-size", "2", "--concurrency", "1") == 1
+    capsys.readouterr()
+    assert run(server, "describe", str(directory), "--out", out, "--resume", "--dims", "8") == 1
+    one_line_error(capsys, "holds descriptors made with", "dims 32 (now 8)")
+
+
+def test_ctrl_c_keeps_finished_chunks_and_a_rerun_finishes(server, tmp_path):
+    directory = tmp_path / "many"
+    directory.mkdir()
+    pixels = {str(write_png(directory / f"{i:04d}.png", random_image(500 + i, 24, 24))):
+              random_image(500 + i, 24, 24) for i in range(150)}
+    out = tmp_path / "d.npy"
+    partial = tmp_path / "d.npy.partial"
+    command = [sys.executable, "-m", "netvlad_client.cli", "--target", server.target,
+               "describe", str(directory), "--out", str(out), "--resume", "--batch-size", "1",
+               "--concurrency", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(partial.glob("chunk-*.npz"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.pause()  # the next request hangs, like a server that went away
+        time.sleep(0.5)
+        assert process.poll() is None, "the run finished before it could be interrupted"
+        done = len(list(partial.glob("chunk-*.npz")))
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        server.resume()
+        process.kill()
+    assert process.returncode == 130
+    assert "Traceback" not in err
+    assert f"interrupted; {done} of 150 images are saved in {partial}" in err
+    assert not out.exists()
+    before = settled(server, "netvlad_images_total")  # the cancelled request may still finish
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming: {done} of 150 images" in result.stderr
+    assert server.metric("netvlad_images_total") - before == 150 - done
+    expected = np.stack([reference(pixels[name]) for name in sorted(pixels)])
+    np.testing.assert_allclose(np.load(out), expected, atol=ATOL, rtol=0)
+
+
+def test_info_human_and_json(server, capsys):
+    assert run(server, "info") == 0
+    text = capsys.readouterr().out
+    assert "DEMO WEIGHTS" in text and "output dims" in text and "32" in text
+    assert run(server, "info", "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["output_dims"] == 32
+    assert info["batching"]["max_images_per_request"] == 4
+
+
+def test_health_exit_status(server, capsys):
+    assert run(server, "health") == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+    closed = f"127.0.0.1:{free_port()}"
+    assert main(["--target", closed, "health"]) == 1
+    assert capsys.readouterr().out.startswith("UNREACHABLE")
+    assert run(server, "health", "--service", "no.such.Service") == 1
+    assert capsys.readouterr().out.strip() == "SERVICE_UNKNOWN"
+    assert run(server, "health", "--service", "netvlad.v1.DescriptorService") == 0

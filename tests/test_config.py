@@ -1,0 +1,77 @@
+"""Server configuration: flag > NETVLAD_* environment variable > default, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from netvlad_server.config import (
+    OFFICIAL_MODEL_NAME,
+    Resize,
+    ServerConfig,
+    build_parser,
+    default_model,
+    parse_config,
+)
+
+
+def test_defaults_without_flags_or_environment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no models/ here
+    config = parse_config([], {})
+    assert config.model == "demo" and config.model_is_default
+    assert (config.port, config.metrics_port, config.max_batch_size) == (50051, 9090, 8)
+    assert config.max_queue_delay_ms == 5.0 and config.max_queue_size == 64
+    assert config.max_image_pixels == 4096 * 4096 and config.min_image_side == 16
+    assert config.resize == Resize() and config.precision == "float32" and not config.xla
+    assert config.warmup_sizes == ((480, 640),)
+    assert config.address == "0.0.0.0:50051"
+
+
+def test_flag_beats_environment_which_beats_default():
+    env = {"NETVLAD_PORT": "6000", "NETVLAD_MAX_BATCH_SIZE": "16", "NETVLAD_XLA": "true",
+           "NETVLAD_RESIZE": "fit:640", "NETVLAD_WARMUP_SIZES": "240x320, 480x640",
+           "NETVLAD_PRECISION": "BFLOAT16", "NETVLAD_MODEL": "/weights/model.npz"}
+    config = parse_config(["--port", "7000", "--no-xla"], env)
+    assert config.port == 7000  # flag
+    assert not config.xla  # --no-xla overrides the environment
+    assert config.max_batch_size == 16 and config.precision == "bfloat16"  # environment
+    assert config.resize == Resize(640) and str(config.resize) == "fit:640"
+    assert config.warmup_sizes == ((240, 320), (480, 640))
+    assert config.model == "/weights/model.npz" and not config.model_is_default
+    assert config.metrics_port == 9090  # default
+    assert parse_config(["--warmup-sizes", ""], {}).warmup_sizes == ()
+
+
+def test_the_official_directory_under_models_is_the_default(tmp_path, monkeypatch):
+    (tmp_path / "models" / OFFICIAL_MODEL_NAME).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    config = parse_config([], {})
+    assert config.model == f"models/{OFFICIAL_MODEL_NAME}" and config.model_is_default
+    assert default_model(tmp_path / "nothing") == "demo"
+
+
+@pytest.mark.parametrize(("argv", "env", "message"), [
+    (["--port", "70000"], {}, "--port: expected an integer between 0 and 65535, got 70000"),
+    ([], {"NETVLAD_MAX_BATCH_SIZE": "eight"}, "NETVLAD_MAX_BATCH_SIZE: expected an integer"),
+    (["--resize", "fit:-3"], {}, "expected 'keep' or 'fit:N'"),
+    (["--warmup-sizes", "480by640"], {}, "expected HEIGHTxWIDTH"),
+    (["--precision", "int8"], {}, "expected one of float32, bfloat16, float16, auto"),
+    ([], {"NETVLAD_XLA": "maybe"}, "NETVLAD_XLA: expected a boolean"),
+    (["--min-image-side", "8"], {}, "--min-image-side: expected an integer at least 16"),
+    (["--max-images-per-request", "100"], {}, "exceeds --max-queue-size (64)"),
+    (["--resize", "fit:8"], {}, "at least --min-image-side (16)"),
+    (["--warmup-sizes", "480x10"], {}, "smaller than --min-image-side"),
+])
+def test_bad_values_are_refused_naming_the_flag(argv, env, message, capsys):
+    with pytest.raises(SystemExit) as caught:
+        parse_config(argv, env)
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_every_setting_with_its_environment_variable():
+    text = build_parser().format_help()
+    for field in ServerConfig.__dataclass_fields__:
+        if field == "model_is_default":
+            continue
+        assert f"--{field.replace('_', '-')}" in text
+        assert f"NETVLAD_{field.upper()}" in text

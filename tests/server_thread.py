@@ -16,7 +16,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
-
 from netvlad_server.config import ServerConfig
 from netvlad_server.main import NetVLADServer
 from netvlad_server.service import LoadedModel

@@ -7,7 +7,6 @@ import threading
 from collections.abc import Sequence
 
 import pytest
-
 from netvlad_server.batching import (
     BatcherClosedError,
     BatchFailedError,
@@ -279,7 +278,8 @@ def test_a_run_returning_the_wrong_number_of_results_fails_the_batch():
         return outcomes
 
     for outcome in asyncio.run(scenario()):
-        assert isinstance(outcome, BatchFailedError) and "1 results for a batch of 2" in str(outcome)
+        assert isinstance(outcome, BatchFailedError)
+        assert "1 results for a batch of 2" in str(outcome)
 
 
 def test_close_finishes_admitted_work_without_waiting_delays_then_refuses():

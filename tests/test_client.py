@@ -178,8 +178,9 @@ def test_resize_option_reaches_the_server(client):
     import cv2
 
     halved = cv2.resize(image, (48, 32), interpolation=cv2.INTER_AREA)
-    np.testing.assert_allclose(client.describe(image, resize=48)[0], reference(halved),
-                               atol=ATOL, rtol=0)
+    for resize in (48, "48", "fit:48"):
+        np.testing.assert_allclose(client.describe(image, resize=resize)[0], reference(halved),
+                                   atol=ATOL, rtol=0)
     np.testing.assert_allclose(client.describe(image, resize="keep")[0], reference(image),
                                atol=ATOL, rtol=0)
 
@@ -253,7 +254,7 @@ def test_closed_port_raises_unavailable_after_retries():
     assert isinstance(caught.value, NetVLADError)
 
 
-def test_retries_reach_a_server_that_starts_late(tmp_path):
+def test_retries_reach_a_late_server_and_round_robin_uses_both(server, tmp_path):
     port, metrics_port = free_port(), free_port()
     late = ServerProcess(port, metrics_port, tmp_path / "late.log")
     try:
@@ -267,6 +268,14 @@ def test_retries_reach_a_server_that_starts_late(tmp_path):
             image = random_image(40)
             np.testing.assert_allclose(client.describe(image)[0], reference(image),
                                        atol=ATOL, rtol=0)
+        # Two live servers behind one client: round-robin sends calls to both.
+        counts = [s.metric("netvlad_images_total") for s in (server, late)]
+        with NetVLADClient([server.target, late.target], timeout=60) as both:
+            for _ in range(20):
+                both.describe(image)
+        gained = [s.metric("netvlad_images_total") - c
+                  for s, c in zip((server, late), counts, strict=True)]
+        assert sum(gained) == 20 and min(gained) > 0, gained
     finally:
         late.stop()
 
@@ -313,5 +322,6 @@ def test_tls_options_are_checked_and_a_plaintext_server_refuses_tls(server, tmp_
 def test_token_travels_as_bearer_metadata(server):
     with NetVLADClient(server.target, token="s3cret ") as client:
         assert client.config.metadata() == (("authorization", "Bearer s3cret"),)
+        assert "s3cret" not in repr(client.config)
         # A server without authentication ignores the header.
         assert client.describe(random_image(42)).shape == (1, 32)

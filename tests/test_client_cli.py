@@ -111,13 +111,22 @@ def test_format_flag_overrides_the_extension(server, tmp_path):
                                atol=ATOL, rtol=0)
 
 
-def test_dims_option(server, tmp_path):
-    path = write_png(tmp_path / "a.png", random_image(3))
+def test_dims_and_resize_options(server, tmp_path, capsys):
+    image = random_image(3, 32, 64)
+    path = write_png(tmp_path / "a.png", image)
     out = tmp_path / "d.npy"
     assert run(server, "describe", str(path), "--out", str(out), "--dims", "8") == 0
     got = np.load(out)
     assert got.shape == (1, 8)
-    np.testing.assert_allclose(got[0], reference(random_image(3), dims=8), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(got[0], reference(image, dims=8), atol=ATOL, rtol=0)
+    assert run(server, "describe", str(path), "--out", str(out), "--resize", "fit:32") == 0
+    import cv2
+
+    halved = cv2.resize(image, (32, 16), interpolation=cv2.INTER_AREA)  # the server's policy
+    np.testing.assert_allclose(np.load(out)[0], reference(halved), atol=ATOL, rtol=0)
+    with pytest.raises(SystemExit):
+        run(server, "describe", str(path), "--out", str(out), "--resize", "half")
+    assert "fit:N" in capsys.readouterr().err
 
 
 def test_concurrency_keeps_input_order(server, folder, tmp_path):
@@ -160,6 +169,34 @@ def test_server_refusal_is_one_line_with_the_file(server, folder, tmp_path, caps
     (directory / "100.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     assert run(server, "describe", str(directory), "--out", str(tmp_path / "d.npy")) == 1
     one_line_error(capsys, "INVALID_ARGUMENT", str(directory / "100.png"))
+
+
+def test_connection_option_errors_are_one_line(server, tmp_path, capsys):
+    assert run(server, "--token-file", str(tmp_path / "none"), "info") == 1
+    one_line_error(capsys, "cannot read the token file")
+    (tmp_path / "empty-token").write_text("\n\n")
+    assert run(server, "--token-file", str(tmp_path / "empty-token"), "info") == 1
+    one_line_error(capsys, "is empty")
+    assert run(server, "--tls-ca", str(tmp_path / "ca.pem"), "info") == 1
+    one_line_error(capsys, "cannot read the TLS root CA file")
+    assert run(server, "--tls-cert", str(tmp_path / "c.pem"), "info") == 1
+    one_line_error(capsys, "both a client certificate and its private key")
+    assert main(["--target", "host-a:1,host-b:2", "info"]) == 1
+    one_line_error(capsys, "dns:///")
+
+
+def test_recursive_folders(server, folder, tmp_path):
+    directory, pixels = folder
+    nested = directory / "deeper"
+    nested.mkdir()
+    extra = random_image(99)
+    write_png(nested / "x.png", extra)
+    out = tmp_path / "d.npz"
+    assert run(server, "describe", str(directory), "--out", str(out)) == 0
+    assert len(np.load(out)["names"]) == len(pixels)
+    assert run(server, "describe", str(directory), "-r", "--out", str(out)) == 0
+    with np.load(out) as data:
+        assert data["names"].tolist() == sorted([*pixels, str(nested / "x.png")])
 
 
 def test_unreachable_server_is_one_line(tmp_path, capsys):
@@ -288,6 +325,10 @@ def test_health_exit_status(server, capsys):
     closed = f"127.0.0.1:{free_port()}"
     assert main(["--target", closed, "health"]) == 1
     assert capsys.readouterr().out.startswith("UNREACHABLE")
+    assert main(["--target", closed, "health", "--wait", "1"]) == 1
+    assert capsys.readouterr().out.startswith("UNREACHABLE")
+    assert run(server, "health", "--wait", "30") == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
     assert run(server, "health", "--service", "no.such.Service") == 1
     assert capsys.readouterr().out.strip() == "SERVICE_UNKNOWN"
     assert run(server, "health", "--service", "netvlad.v1.DescriptorService") == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from netvlad_server.config import (
     OFFICIAL_MODEL_NAME,
     Resize,

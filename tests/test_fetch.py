@@ -236,16 +236,21 @@ def test_sha256_is_checked(tmp_path, serve, official_zip, tiny_weights):
     assert_installed(tmp_path, tiny_weights)
 
 
-def test_no_network_gives_clear_message(tmp_path):
+@pytest.mark.parametrize("partial", [False, True], ids=["fresh", "with-partial-download"])
+def test_no_network_gives_clear_message(tmp_path, partial):
     port = free_port()
     url = f"http://127.0.0.1:{port}/{OFFICIAL_NAME}.zip"
+    cfg = FetchConfig(dest=tmp_path, url=url, timeout=5)
+    if partial:
+        cfg.part.write_bytes(b"PK\3\4 first bytes")
     with pytest.raises(FetchError) as caught:
-        fetch(FetchConfig(dest=tmp_path, url=url, timeout=5), io.StringIO())
+        fetch(cfg, io.StringIO())
     message = str(caught.value)
     assert message.startswith(f"cannot reach 127.0.0.1:{port} (")
     assert f"download it by hand from {url}" in message
     assert f"`netvlad-models inspect {tmp_path / OFFICIAL_NAME}`" in message
-    assert_nothing_installed(tmp_path)
+    assert (f"partial download is kept at {cfg.part}" in message) == partial
+    assert_nothing_installed(tmp_path, keep_part=partial)
 
 
 def test_http_error_is_reported(tmp_path, serve, official_zip):

@@ -244,42 +244,22 @@ def _describe_command(args: argparse.Namespace) -> int:
         if done:
             print(f"resuming: {sum(name in done for name in unique)} of {len(unique)} images "
                   f"already described in {checkpoint.directory}", file=sys.stderr)
-        todo = [name for name in unique if name not in done]
         limits = info.batching
         batch_size = args.batch_size or min(
             limits.max_batch_size or 16, limits.max_images_per_request or 1 << 30
         )
-        chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-        progress = Progress(len(todo), _show_progress(args.progress, len(chunks) > 1))
-        results = describe_concurrently(
-            client, chunks, args.concurrency, dims=dims, batch_size=batch_size, resize=args.resize
-        )
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
-        try:
-            for index, rows in results:
-                if checkpoint is not None:
-                    checkpoint.save(chunks[index], rows)
-                done.update(zip(chunks[index], rows, strict=True))
-                progress.advance(len(rows))
-        except (KeyboardInterrupt, _Interrupted, NetVLADError) as exc:
-            client.close()  # ends the calls in flight at once
-            results.close()
-            progress.close()
-            interrupted = not isinstance(exc, NetVLADError)
-            message = "interrupted" if interrupted else f"error: {exc}"
+        todo = [name for name in unique if name not in done]
+        stopped = _describe_missing(client, args, todo, batch_size, dims, checkpoint, done)
+        if stopped is not None:
+            interrupted, message = stopped
             if checkpoint is not None:
                 message += (f"; {sum(name in done for name in unique)} of {len(unique)} images "
                             f"are saved in {checkpoint.directory}, run the same command again "
                             "to finish")
-            elif len(chunks) > 1:
+            elif len(todo) > batch_size:
                 message += "; pass --resume to keep finished work across runs"
             print(f"netvlad-client: {message}", file=sys.stderr)
             return EXIT_INTERRUPTED if interrupted else EXIT_ERROR
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous)
-    progress.close()
     descriptors = (
         np.stack([done[name] for name in names]).astype(np.float32, copy=False)
         if names else np.empty((0, dims), dtype=np.float32)
@@ -290,6 +270,46 @@ def _describe_command(args: argparse.Namespace) -> int:
     print(f"wrote {descriptors.shape[0]} x {descriptors.shape[1]} descriptors to {out} ({fmt})",
           file=sys.stderr)
     return 0
+
+
+def _describe_missing(
+    client: NetVLADClient,
+    args: argparse.Namespace,
+    todo: list[str],
+    batch_size: int,
+    dims: int,
+    checkpoint: Checkpoint | None,
+    done: dict[str, np.ndarray],
+) -> tuple[bool, str] | None:
+    """Describe `todo` into `done`, checkpointing each finished request.
+
+    Returns None when all is done, else (interrupted, message) after an interrupt (Ctrl-C,
+    SIGTERM) or an error; whatever finished before that is in `done` and the checkpoint.
+    """
+    chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    progress = Progress(len(todo), _show_progress(args.progress, len(chunks) > 1))
+    results = describe_concurrently(
+        client, chunks, args.concurrency, dims=dims, batch_size=batch_size, resize=args.resize
+    )
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
+    try:
+        for index, rows in results:
+            if checkpoint is not None:
+                checkpoint.save(chunks[index], rows)
+            done.update(zip(chunks[index], rows, strict=True))
+            progress.advance(len(rows))
+    except (KeyboardInterrupt, _Interrupted):
+        client.close()  # ends the calls in flight at once
+        results.close()
+        return True, "interrupted"
+    except NetVLADError as exc:
+        return False, f"error: {exc}"
+    finally:
+        progress.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    return None
 
 
 def _checkpoint(

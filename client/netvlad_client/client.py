@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +101,9 @@ class ClientConfig:
     tls: bool = False
     root_certificates: bytes | None = None
     client_certificate: bytes | None = None
-    client_key: bytes | None = None
+    client_key: bytes | None = field(default=None, repr=False)  # secrets stay out of logs
     server_name: str | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     dims: int | None = None
     resize: str | int | None = None

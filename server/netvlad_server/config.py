@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in _FLAGS:
         shown = str(flag.default) if not isinstance(flag.default, tuple) else _sizes_text(
             flag.default)
-        help_text = f"{flag.help} [env {flag.env}; default {shown}]"
+        help_text = f"{flag.help} [env {flag.env}" + (
+            "]" if flag.default is None else f"; default {shown}]")
         if flag.convert is _parse_bool:
             parser.add_argument(f"--{flag.name}", dest=flag.dest, default=None,
                                 action=argparse.BooleanOptionalAction, help=help_text)

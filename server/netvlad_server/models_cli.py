@@ -104,7 +104,7 @@ def register_convert(subparsers: argparse._SubParsersAction) -> None:
     """Add `convert SRC DST`."""
     parser = subparsers.add_parser(
         "convert",
-        help="convert a checkpoint, zip or .mat to the fast-loading .npz export",
+        help="convert a checkpoint, zip or .mat to the single-file .npz export",
         description="Read SRC (any supported format), validate it and write DST (.npz) atomically.",
     )
     parser.add_argument("src", help="weights to read (any format `inspect` accepts)")

@@ -58,8 +58,21 @@ class ServerProcess:
         """The end of the server's log, for failure messages."""
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of a metric's samples on /metrics whose labels include `labels`."""
+    def metric(self, name: str, quiet: float = 0.1, **labels: str) -> float:
+        """Sum of a metric's samples whose labels include `labels`, once it stopped changing.
+
+        The server counts a call when its handler ends, which may be just after the client
+        got the answer: the value is read again every `quiet` seconds until two reads agree.
+        """
+        value = self._scrape(name, labels)
+        while True:
+            time.sleep(quiet)
+            value, previous = self._scrape(name, labels), value
+            if value == previous:
+                return value
+
+    def _scrape(self, name: str, labels: dict[str, str]) -> float:
+        """One read of /metrics: the sum of the matching samples."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as response:
             text = response.read().decode()
         total = 0.0

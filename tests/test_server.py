@@ -414,6 +414,11 @@ def test_streaming_answers_in_order_and_a_bad_frame_in_stream(stub, network):
     for i in (0, 1, 3, 4):
         assert answers[i].response.descriptors[0].id == f"f{i}"
         np.testing.assert_allclose(rows(answers[i].response), network(frames[i]), atol=1e-6)
+    many = [pb.StreamDescribeImagesRequest(sequence=i, request=pb.DescribeImagesRequest(
+        images=[raw(frames[i % 5])])) for i in range(40)]  # more than --max-stream-inflight
+    answers = list(stub.StreamDescribeImages(iter(many), timeout=TIMEOUT))
+    assert [a.sequence for a in answers] == list(range(40))
+    assert all(a.WhichOneof("outcome") == "response" for a in answers)
 
 
 def test_a_stream_ends_unavailable_on_shutdown_after_answering_what_it_read(tiny_model):

@@ -227,8 +227,10 @@ def register_compare_layers(subparsers: argparse._SubParsersAction) -> None:
             f"difference < {FINAL_L2:g}. Exit 0 pass, 1 past a threshold, 2 unusable input."
         ),
     )
-    parser.add_argument("net", help="structed MatConvNet NetVLAD model (net_class2struct.m output)")
-    parser.add_argument("stats", help="vl_simplenn outputs: 'input' (mean-subtracted) and 'outs'")
+    parser.add_argument("net", metavar="NET.mat",
+                        help="structed MatConvNet NetVLAD model (net_class2struct.m output)")
+    parser.add_argument("stats", metavar="STATS.mat",
+                        help="vl_simplenn outputs: 'input' (mean-subtracted) and 'outs'")
     parser.add_argument("--precision", default="float32",
                         help="float32 (default), bfloat16 or float16 for the VGG convolutions")
     parser.set_defaults(handler=_run)

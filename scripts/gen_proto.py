@@ -17,7 +17,9 @@ PROTO_ROOT = ROOT / "proto"
 PROTO_FILES = ["netvlad/v1/netvlad.proto"]
 OUT_DIR = ROOT / "client" / "netvlad_client" / "_proto"
 PACKAGE = "netvlad_client._proto"
-INIT_TEXT = '"""Generated from proto/netvlad/v1/netvlad.proto by scripts/gen_proto.py; do not edit."""\n'
+INIT_TEXT = (
+    '"""Generated from proto/netvlad/v1/netvlad.proto by scripts/gen_proto.py; do not edit."""\n'
+)
 
 
 def generate() -> dict[str, str]:
@@ -48,22 +50,24 @@ def generate() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only report stale files")
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where the modules go")
     args = parser.parse_args(argv)
+    out_dir = args.out_dir
     files = generate()
     if args.check:
         stale = [
             name for name, text in files.items()
-            if not (OUT_DIR / name).exists() or (OUT_DIR / name).read_text() != text
+            if not (out_dir / name).exists() or (out_dir / name).read_text() != text
         ]
-        extra = [p.name for p in OUT_DIR.glob("*.py*") if p.name not in files]
+        extra = [p.name for p in out_dir.glob("*.py*") if p.name not in files]
         if stale or extra:
-            print(f"stale generated code in {OUT_DIR}: {sorted(stale + extra)}; run `make proto`")
+            print(f"stale generated code in {out_dir}: {sorted(stale + extra)}; run `make proto`")
             return 1
         return 0
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
-        (OUT_DIR / name).write_text(text)
-    print(f"wrote {len(files)} files to {OUT_DIR.relative_to(ROOT)}")
+        (out_dir / name).write_text(text)
+    print(f"wrote {len(files)} files to {out_dir}")
     return 0
 
 

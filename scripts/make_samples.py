@@ -52,7 +52,8 @@ def main() -> None:
         "place_b.jpg": place_b[:, 100:100 + W],
     }
     for name, rgb in views.items():
-        cv2.imwrite(str(OUT / name), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 88])
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        cv2.imwrite(str(OUT / name), bgr, [cv2.IMWRITE_JPEG_QUALITY, 88])
     gray = cv2.cvtColor(place_c[:, 200:200 + W], cv2.COLOR_RGB2GRAY)
     cv2.imwrite(str(OUT / "place_c_gray.png"), cv2.resize(gray, (320, 240), cv2.INTER_AREA))
 

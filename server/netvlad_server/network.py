@@ -25,6 +25,11 @@ _TAIL = (
 )
 
 
+def default_device() -> str:
+    """Where the network runs unless told: the first GPU TensorFlow sees, else the CPU."""
+    return "/GPU:0" if tf.config.list_logical_devices("GPU") else "/CPU:0"
+
+
 class ImageShapeError(ValueError):
     """An image array the network cannot take: wrong rank, channel count, size or pixel type."""
 
@@ -44,7 +49,7 @@ def layer_plan() -> list[tuple[str, str]]:
 
 
 def check_images(images: np.ndarray) -> np.ndarray:
-    """Return images as float32 [B, H, W, C], or raise ImageShapeError saying what is wrong."""
+    """Return images [B, H, W, C] as uint8 (untouched) or float32, or raise ImageShapeError."""
     array = np.asarray(images)
     if array.ndim == 3:
         array = array[np.newaxis]
@@ -70,7 +75,9 @@ def check_images(images: np.ndarray) -> np.ndarray:
         raise ImageShapeError(
             f"expected uint8 or float pixel values in 0..255; got dtype {array.dtype}"
         )
-    if array.dtype != np.uint8 and not np.isfinite(array).all():
+    if array.dtype == np.uint8:
+        return array
+    if not np.isfinite(array).all():
         raise ImageShapeError("image holds NaN or infinite pixel values")
     return array.astype(np.float32, copy=False)
 
@@ -103,12 +110,31 @@ def _l2_plus(x: tf.Tensor, axis: int) -> tf.Tensor:
 class NetVLADNetwork:
     """Image batches in, whitened unit-length NetVLAD descriptors out; weights loaded once."""
 
-    def __init__(self, weights: NetVLADWeights, precision: str = "float32", xla: bool = False):
+    def __init__(self, weights: NetVLADWeights, precision: str = "float32", xla: bool = False,
+                 device: str | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
         self.precision = precision
         self.xla = xla
+        self.device = device or default_device()
         self._dtype = tf.as_dtype(precision)  # convolutions, ReLUs and pools run in this type
+        with tf.device(self.device):  # weights live where the maths runs: no copy per call
+            self._build_constants(weights)
+        self.layer_names = [name for name, _ in layer_plan()]
+        offset = tf.TensorSpec([3], tf.float32)
+        self._descriptors = tf.function(
+            lambda x: self._layers(x, self._mean)[-1], jit_compile=xla,
+            input_signature=[tf.TensorSpec([None, None, None, None], tf.float32)])
+        # uint8 images cross to the device as they are (4x fewer bytes) and are cast there.
+        self._descriptors_uint8 = tf.function(
+            lambda x: self._layers(tf.cast(x, tf.float32), self._mean)[-1], jit_compile=xla,
+            input_signature=[tf.TensorSpec([None, None, None, None], tf.uint8)])
+        self._all_layers = tf.function(
+            self._layers, input_signature=[tf.TensorSpec([None, None, None, None], tf.float32),
+                                           offset])
+
+    def _build_constants(self, weights: NetVLADWeights) -> None:
+        """Turn the weight arrays into constants: convolutions in the compute type, the rest f32."""
         t = weights.tensors
         self._mean = tf.constant(np.reshape(t["average_rgb"], [3]), tf.float32)
         self._convs = [
@@ -126,13 +152,6 @@ class NetVLADNetwork:
         self.output_dims = int(wpca.shape[-1])
         self._wpca = tf.constant(np.reshape(wpca, [dims * clusters, self.output_dims]))  # DK x P
         self._wpca_bias = tf.constant(t["WPCA/bias"])  # [P]
-        self.layer_names = [name for name, _ in layer_plan()]
-        images = tf.TensorSpec([None, None, None, None], tf.float32)
-        offset = tf.TensorSpec([3], tf.float32)
-        self._descriptors = tf.function(
-            lambda x: self._layers(x, self._mean)[-1], input_signature=[images], jit_compile=xla
-        )
-        self._all_layers = tf.function(self._layers, input_signature=[images, offset])
 
     def _layers(self, images: tf.Tensor, offset: tf.Tensor) -> list[tf.Tensor]:
         """Every layer's output, in layer_plan() order, for float32 images [B, H, W, C]."""
@@ -172,7 +191,14 @@ class NetVLADNetwork:
         """Describe images [B,H,W,C] or [H,W,C] (uint8 or float 0..255) as float32 [B, dims]."""
         if dims is not None:
             _check_dims(dims, self.output_dims)  # before the forward pass, not after
-        desc = self._descriptors(tf.constant(check_images(images))).numpy()
+        array = check_images(images)
+        run = self._descriptors_uint8 if array.dtype == np.uint8 else self._descriptors
+        with tf.device(self.device):
+            desc = run(array).numpy()
+        if not np.isfinite(desc).all():
+            raise FloatingPointError(
+                f"the network produced non-finite descriptors in {self.precision}: an activation "
+                "overflowed (float16 tops out at 65504); run in bfloat16 or float32 instead")
         return desc if dims is None else truncate_descriptors(desc, dims)
 
     def layer_outputs(
@@ -184,9 +210,10 @@ class NetVLADNetwork:
         WPCA, finalL2 [B,P]. subtract_mean=False takes images whose mean was already removed,
         as MatConvNet's vl_simplenn receives them.
         """
-        array = check_images(images)
+        array = check_images(images).astype(np.float32, copy=False)
         offset = self._mean if subtract_mean else tf.zeros([3], tf.float32)
-        tensors = self._all_layers(tf.constant(array), offset)
+        with tf.device(self.device):
+            tensors = self._all_layers(array, offset)
         return [
             (name, tf.cast(t, tf.float32).numpy())
             for name, t in zip(self.layer_names, tensors, strict=True)

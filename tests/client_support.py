@@ -29,7 +29,7 @@ class ServerProcess:
         args = [
             "--model", "demo-tiny", "--host", "127.0.0.1", "--port", str(port),
             "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
-            "--warmup-sizes", "32x32", *extra,
+            "--warmup-sizes", "32x32", "--precision", "float32", *extra,
         ]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
         with open(log, "wb") as handle:

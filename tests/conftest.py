@@ -23,6 +23,23 @@ def tiny_weights():
 
 
 @pytest.fixture(scope="session")
+def tiny_model():
+    """The tiny demo model as netvlad-server loads it (float32), for in-process servers."""
+    from netvlad_server.main import load_model
+    from server_thread import tiny_config
+
+    return load_model(tiny_config(0))
+
+
+@pytest.fixture(scope="session")
+def network(tiny_weights):
+    """A NetVLADNetwork of the tiny weights, for direct reference calls."""
+    from netvlad_server.network import NetVLADNetwork
+
+    return NetVLADNetwork(tiny_weights)
+
+
+@pytest.fixture(scope="session")
 def tiny_server_process(tmp_path_factory):
     """A real netvlad-server subprocess (demo-tiny, 127.0.0.1, 4 images/request), with /metrics."""
     from client_support import ServerProcess

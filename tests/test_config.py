@@ -20,7 +20,9 @@ def test_defaults_without_flags_or_environment(tmp_path, monkeypatch):
     assert (config.port, config.metrics_port, config.max_batch_size) == (50051, 9090, 8)
     assert config.max_queue_delay_ms == 5.0 and config.max_queue_size == 64
     assert config.max_image_pixels == 4096 * 4096 and config.min_image_side == 16
-    assert config.resize == Resize() and config.precision == "float32" and not config.xla
+    assert config.resize == Resize() and config.precision == "auto" and not config.xla
+    assert (config.intra_op_threads, config.inter_op_threads, config.gpu_memory_growth) == (
+        0, 1, True)
     assert config.warmup_sizes == ((480, 640),)
     assert config.address == "0.0.0.0:50051"
 

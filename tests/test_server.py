@@ -482,7 +482,7 @@ def test_sigterm_drains_admitted_requests_and_exits_zero(tmp_path, network):
             "--port", str(port), "--metrics-host", "127.0.0.1", "--metrics-port",
             str(metrics_port), "--warmup-sizes", "", "--max-batch-size", "4",
             "--max-queue-delay-ms", "20", "--max-queue-size", "256", "--max-images-per-request",
-            "8"]
+            "8", "--precision", "float32"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     with open(log, "wb") as handle:
         process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env)

@@ -81,22 +81,23 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--token-file", default=_env("NETVLAD_CLIENT_TOKEN_FILE"),
-        help="file whose first line is a bearer token, sent as 'authorization: Bearer ...' "
+        help="file whose first line is a bearer token, sent as 'authorization: Bearer ...'; "
+             "blank and # comment lines are skipped, as the server's --token-file does "
              "(env NETVLAD_CLIENT_TOKEN_FILE)",
     )
 
 
 def _read_token(path: str | None) -> str | None:
-    """The bearer token from the first non-empty line of a file."""
+    """The bearer token: the first line of the file that is neither blank nor a # comment."""
     if not path:
         return None
     try:
         lines = [line.strip() for line in Path(path).read_text().splitlines()]
     except OSError as exc:
         raise NetVLADInputError(f"cannot read the token file {path}: {exc.strerror}") from None
-    token = next((line for line in lines if line), None)
+    token = next((line for line in lines if line and not line.startswith("#")), None)
     if token is None:
-        raise NetVLADInputError(f"the token file {path} is empty")
+        raise NetVLADInputError(f"the token file {path} is empty (only blank or # lines)")
     return token
 
 

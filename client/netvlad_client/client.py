@@ -139,6 +139,9 @@ class ClientConfig:
             raise NetVLADInputError(f"timeout must be positive seconds (or None), got {timeout}")
         if token is not None and (not token.strip() or "\n" in token.strip()):
             raise NetVLADInputError("the bearer token must be one non-empty line")
+        if token is not None and not all(" " <= c <= "~" for c in token.strip()):
+            raise NetVLADInputError("the bearer token must be printable ASCII (gRPC metadata "
+                                    "carries no other characters)")
         _check_dims(dims)
         resize_policy(resize)
         secure = bool(tls or root_certificates or client_certificate or server_name)

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+log = logging.getLogger(__name__)
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 
@@ -113,8 +115,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     @property
     def accepting(self) -> bool:
-        """True while submit() admits work."""
-        return self._task is not None and not self._closing
+        """True while submit() admits work (never once the scheduler has stopped)."""
+        return self._task is not None and not self._closing and not self._task.done()
 
     def start(self) -> None:
         """Start the scheduler on the running event loop and the worker thread."""
@@ -123,6 +125,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._thread_name)
         self._task = self._loop.create_task(self._schedule(), name=f"{self._thread_name}-scheduler")
+        self._task.add_done_callback(self._scheduler_ended)
+
+    def _scheduler_ended(self, task: asyncio.Task[None]) -> None:
+        """Say loudly if the scheduler died: from then on submit() refuses all work."""
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("the batch scheduler stopped: %r; no batch will run again and every "
+                         "submit is refused; restart the process", task.exception())
 
     def submit(
         self, items: Sequence[tuple[Hashable, ItemT]], timeout: float | None = None
@@ -230,6 +239,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             entry = queue.popleft()
             entry.queued = False
             taken += 1
+            if entry.future.done():
+                continue  # cancelled in this loop turn: its _forget callback has not run yet
             if entry.deadline is not None and entry.deadline <= now:
                 entry.future.set_exception(DeadlineExpiredError(
                     f"dropped after waiting {now - entry.enqueued:.3f} s in the queue: the "

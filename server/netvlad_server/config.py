@@ -58,12 +58,19 @@ class ServerConfig:
     min_image_side: int = NETWORK_MIN_SIDE
     resize: Resize = Resize()
     decode_threads: int = 2
-    precision: str = "float32"
+    precision: str = "auto"
     xla: bool = False
+    intra_op_threads: int = 0  # 0: TensorFlow's choice, one per core
+    inter_op_threads: int = 1
+    gpu_memory_growth: bool = True
     warmup_sizes: tuple[tuple[int, int], ...] = ((480, 640),)
     max_stream_inflight: int = 16
     shutdown_grace_s: float = 30.0
     log_level: str = "INFO"
+    tls_cert: str | None = None  # PEM paths; see security.py
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    token_file: str | None = None
 
     @property
     def address(self) -> str:
@@ -99,6 +106,11 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
             raise ConfigError(f"size {part!r}: expected HEIGHTxWIDTH, e.g. 480x640")
         sizes.append((int(height), int(width)))
     return tuple(sizes)
+
+
+def _path_or_none(text: str) -> str | None:
+    """A file path, or None for an empty value (an unset environment variable)."""
+    return text.strip() or None
 
 
 def _parse_bool(text: str) -> bool:
@@ -193,9 +205,18 @@ _FLAGS: tuple[_Flag, ...] = (
           "default resize policy when a request gives none: keep, or fit:N (longest side N px)"),
     _Flag("decode-threads", _int_range(1, 256), min(4, os.cpu_count() or 1),
           "threads decoding images in parallel"),
-    _Flag("precision", _choice(PRECISIONS, str.lower), "float32",
-          "precision of the convolutions", PRECISIONS),
+    _Flag("precision", _choice(PRECISIONS, str.lower), "auto",
+          "precision of the convolutions (NetVLAD and whitening stay float32); auto: bfloat16 on "
+          "CPUs with avx512_bf16/AMX and GPUs from compute capability 8.0, float16 on 7.x GPUs, "
+          "else float32", PRECISIONS),
     _Flag("xla", _parse_bool, False, "compile the forward pass with XLA"),
+    _Flag("intra-op-threads", _int_range(0, 1024), 0,
+          "threads one TensorFlow operation may use (0: one per core)"),
+    _Flag("inter-op-threads", _int_range(0, 1024), 1,
+          "TensorFlow operations run at once (0: TensorFlow's choice); the network is a chain, "
+          "so 1 avoids oversubscribing the cores"),
+    _Flag("gpu-memory-growth", _parse_bool, True,
+          "allocate GPU memory as needed rather than all of it at start"),
     _Flag("warmup-sizes", parse_sizes, ((480, 640),),
           "image sizes HEIGHTxWIDTH (comma-separated) run once before reporting SERVING"),
     _Flag("max-stream-inflight", _int_range(1), 16,
@@ -203,6 +224,13 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("shutdown-grace-s", _non_negative_float, 30.0,
           "on SIGTERM, how long admitted requests may take to finish"),
     _Flag("log-level", _choice(LOG_LEVELS, str.upper), "INFO", "logging level", LOG_LEVELS),
+    _Flag("tls-cert", _path_or_none, None, "PEM certificate chain: with --tls-key, the gRPC port "
+          "speaks TLS only"),
+    _Flag("tls-key", _path_or_none, None, "PEM private key of --tls-cert"),
+    _Flag("tls-client-ca", _path_or_none, None, "PEM CA bundle: require client certificates "
+          "signed by it (mutual TLS; needs --tls-cert)"),
+    _Flag("token-file", _path_or_none, None, "file of accepted bearer tokens, one per line: calls "
+          "without one get UNAUTHENTICATED (the health service stays open)"),
 )
 
 
@@ -283,6 +311,11 @@ def _validate(config: ServerConfig) -> None:
         raise ConfigError(
             f"--resize {config.resize}: the longest side must be at least --min-image-side "
             f"({config.min_image_side})")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together: give both (the certificate "
+                          "chain and its private key) or neither")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
     for height, width in config.warmup_sizes:
         if min(height, width) < config.min_image_side:
             raise ConfigError(

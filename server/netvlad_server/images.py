@@ -168,6 +168,8 @@ def _tiff_size(data: bytes) -> tuple[int, int]:
         entry = ifd + count_size + i * entry_size
         tag, kind = struct.unpack(order + "HH", data[entry:entry + 4])
         if tag in (_TIFF_WIDTH, _TIFF_LENGTH):
+            if tag in found:  # decoders disagree on which copy wins: a way around the size check
+                raise _HeaderError(f"the first directory holds tag {tag} twice")
             value_format = _TIFF_VALUE_FORMATS.get(kind)
             if value_format is None:
                 raise _HeaderError(f"tag {tag} has field type {kind}")

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from netvlad_server.batching import BatchingPolicy, DynamicBatcher
 from netvlad_server.config import ServerConfig, parse_config
 from netvlad_server.metrics import ServerMetrics
+from netvlad_server.security import load_security
 from netvlad_server.service import (
     SERVICE_NAME,
     BatchItem,
@@ -49,17 +50,20 @@ def load_model(config: ServerConfig) -> LoadedModel:
     import tensorflow as tf
 
     from netvlad_server.network import NetVLADNetwork, truncate_descriptors
+    from netvlad_server.runtime import choose_precision, configure_tensorflow
     from netvlad_server.weights import load_weights
 
+    configure_tensorflow(config.intra_op_threads, config.inter_op_threads,
+                         config.gpu_memory_growth)  # before TensorFlow's first operation
     weights = load_weights(config.model)
-    network = NetVLADNetwork(weights, precision=config.precision, xla=config.xla)
+    precision = choose_precision(config.precision, weights, *config.warmup_sizes[:1])
+    network = NetVLADNetwork(weights, precision=precision, xla=config.xla)
     description = ModelDescription(
         model_name=weights.name, weight_source=weights.source, weight_format=weights.format,
         demo=weights.format == "demo", output_dims=network.output_dims,
         num_clusters=weights.num_clusters, cluster_dim=weights.cluster_dim,
         precision=network.precision, xla=config.xla,
-        device="/GPU:0" if tf.config.list_logical_devices("GPU") else "/CPU:0",
-        tensorflow_version=tf.__version__)
+        device=network.device, tensorflow_version=tf.__version__)
     return LoadedModel(forward=network, truncate=truncate_descriptors, description=description)
 
 
@@ -94,7 +98,8 @@ class NetVLADServer:
     async def start(self) -> None:
         """Listen for gRPC (health NOT_SERVING until load() ends) and serve /metrics."""
         config = self.config
-        server = grpc.aio.server(options=[
+        security = load_security(config, self.metrics.auth_refused)
+        server = grpc.aio.server(interceptors=security.interceptors, options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ])
@@ -115,16 +120,23 @@ class NetVLADServer:
             log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
         else:
             log.info("metrics endpoint disabled (--metrics-port 0)")
-        self.port = self._bind(server)
+        self.port = self._bind(server, security.credentials)
         await server.start()
         self._server = server
-        log.info("gRPC listening on %s:%d (health NOT_SERVING until the model is loaded)",
-                 config.host, self.port)
+        log.info("gRPC listening on %s:%d, %s (health NOT_SERVING until the model is loaded)",
+                 config.host, self.port, security.summary)
+        for note in security.notes:
+            log.info("%s", note)
+        for warning in security.warnings:
+            log.warning("%s", warning)
 
-    def _bind(self, server: grpc.aio.Server) -> int:
-        """Open the listening port; returns the port number actually bound."""
+    def _bind(self, server: grpc.aio.Server,
+              credentials: grpc.ServerCredentials | None = None) -> int:
+        """Open the listening port (TLS when credentials are given); returns the port bound."""
+        address = self.config.address
         try:
-            port = server.add_insecure_port(self.config.address)
+            port = (server.add_secure_port(address, credentials) if credentials is not None
+                    else server.add_insecure_port(address))
         except RuntimeError as exc:
             port, reason = 0, f": {exc}"
         else:

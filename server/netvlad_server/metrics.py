@@ -3,7 +3,9 @@
 Dashboards are built on exactly these names: netvlad_requests_total{method,code},
 netvlad_images_total, netvlad_image_errors_total{reason}, netvlad_batch_size,
 netvlad_queue_wait_seconds, netvlad_inference_seconds, netvlad_request_duration_seconds{method},
-netvlad_queue_depth and netvlad_model_info{model,precision,output_dims,format,demo}.
+netvlad_queue_depth, netvlad_auth_failures_total{reason} (calls refused for a missing or
+invalid bearer token, never reaching a method) and
+netvlad_model_info{model,precision,output_dims,format,demo}.
 """
 
 from __future__ import annotations
@@ -57,11 +59,18 @@ class ServerMetrics:
                                           ["method"], buckets=LATENCY_BUCKETS, registry=reg)
         self.depth = Gauge("netvlad_queue_depth", "Images waiting in the queue", registry=reg)
         self.model_info = Info("netvlad_model", "The loaded model", registry=reg)
+        self.auth_failures = Counter("netvlad_auth_failures", "Calls refused UNAUTHENTICATED, by "
+                                     "reason (missing or invalid bearer token)", ["reason"],
+                                     registry=reg)
 
     def request_done(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         """Count one finished RPC (or stream message) and its duration."""
         self.requests.labels(method, code.name).inc()
         self.request_duration.labels(method).observe(seconds)
+
+    def auth_refused(self, reason: str) -> None:
+        """Count one call refused for its bearer token ("missing" or "invalid")."""
+        self.auth_failures.labels(reason).inc()
 
     def image_refused(self, reason: str) -> None:
         """Count one refused image under its reason code."""

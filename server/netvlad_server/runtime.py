@@ -1,16 +1,22 @@
 """TensorFlow runtime choices made once at start-up: precision for `auto`, CPU threads, GPU memory.
 
 `resolve_precision` is a pure function of what the machine offers (CPU flags from /proc/cpuinfo,
-the GPU's CUDA compute capability, whether oneDNN is on), so every branch is testable on any host.
+the GPU's CUDA compute capability, whether oneDNN is on), so every branch is testable on any host;
+`choose_precision` adds the check that the loaded weights keep their descriptors in that precision.
 Thread counts and GPU memory growth must be set before TensorFlow runs its first operation.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+from netvlad_server.weights import NetVLADWeights
 
 # CPU flags naming native bfloat16 arithmetic that oneDNN turns into fast convolutions: the AVX-512
 # dot-product instructions (Intel Cooper Lake and later, AMD Zen 4 and later) and the AMX tiles
@@ -18,6 +24,8 @@ from pathlib import Path
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 GPU_BF16_CAPABILITY = (8, 0)  # Ampere and later: bf16 tensor cores
 GPU_FP16_CAPABILITY = (7, 0)  # Volta and Turing: fp16 tensor cores, no bf16
+AUTO_MIN_COSINE = 0.9999  # "auto" keeps a lower precision only this close to float32
+log = logging.getLogger("netvlad_server")
 
 
 @dataclass(frozen=True)
@@ -80,18 +88,90 @@ def detect_hardware(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> Hardware:
 
 def configure_tensorflow(intra_op_threads: int, inter_op_threads: int,
                          gpu_memory_growth: bool = True) -> None:
-    """Set TensorFlow's thread pools (0 = TensorFlow's choice) and GPU memory growth.
+    """Set TensorFlow's thread pools (0 = TensorFlow's choice) and GPU memory growth, and log them.
 
-    Must run before the first TensorFlow operation; later calls raise RuntimeError from
-    TensorFlow. Memory growth makes each GPU allocate as needed instead of all at once, so a
-    second process (or a metrics exporter) can share the card.
+    Takes effect only before TensorFlow's first operation; in a process where TensorFlow already
+    runs (a server embedded in tests) the settings in force are kept and a warning says so.
+    Memory growth makes each GPU allocate as needed instead of all at once, so another process
+    can share the card; without it TensorFlow reserves nearly all GPU memory up front.
     """
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
-    tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
-    for gpu in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(gpu, gpu_memory_growth)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, gpu_memory_growth)
+    except RuntimeError as exc:
+        log.warning("TensorFlow already runs in this process, its settings stay as they are "
+                    "(%s)", exc)
+    threads = thread_settings()
+    log.info("TensorFlow threads: intra-op %d, inter-op %d (0: TensorFlow's choice); %d cores",
+             threads["intra_op_threads"], threads["inter_op_threads"], os.cpu_count() or 0)
+
+
+def synthetic_scene(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A deterministic photo-like RGB image [H, W, 3] uint8: smooth colour, edges, mild noise."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (max(2, height // 24), max(2, width // 24), 3), np.uint8)
+    image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC).astype(np.int16)
+    for _ in range(12):  # flat rectangles: sharp edges like buildings and windows
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w = int(rng.integers(width // 16, width // 3 + 1))
+        h = int(rng.integers(height // 16, height // 3 + 1))
+        image[y:y + h, x:x + w] = rng.integers(0, 256, 3)
+    image += rng.normal(0, 3, image.shape).astype(np.int16)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def agreement_with_float32(weights: NetVLADWeights, precision: str,
+                           size: tuple[int, int] = (240, 320), images: int = 2) -> float:
+    """Smallest cosine between `precision` and float32 descriptors of a few synthetic scenes."""
+    from netvlad_server.network import NetVLADNetwork
+
+    batch = np.stack([synthetic_scene(*size, seed=seed) for seed in range(images)])
+    exact = NetVLADNetwork(weights, precision="float32")(batch)
+    low = NetVLADNetwork(weights, precision=precision)(batch)
+    return float(np.min(np.sum(exact * low, axis=1)))
+
+
+def choose_precision(requested: str, weights: NetVLADWeights,
+                     check_size: tuple[int, int] = (240, 320), hardware: Hardware | None = None,
+                     min_cosine: float = AUTO_MIN_COSINE) -> str:
+    """The precision to run `weights` in; "auto" is checked against float32 on these weights.
+
+    "auto" first picks by hardware (resolve_precision); a lower precision is then kept only if
+    its descriptors of synthetic scenes at check_size stay within cosine `min_cosine` of
+    float32 ones for these very weights, else float32 is used. How close bfloat16 comes depends
+    on the weights (see docs/BENCHMARKS.md), so this is measured rather than assumed.
+    """
+    hardware = detect_hardware() if hardware is None else hardware
+    precision = resolve_precision(requested, hardware)
+    if requested != "auto":
+        return precision
+    if hardware.gpu_capability is not None:
+        major, minor = hardware.gpu_capability
+        why = f"GPU compute capability {major}.{minor}"
+    else:
+        found = sorted(CPU_BF16_FLAGS & hardware.cpu_flags)
+        why = (f"CPU flags {', '.join(found) or 'without avx512_bf16/amx_bf16'}, oneDNN "
+               f"{'on' if hardware.onednn else 'off'}")
+    if precision == "float32":
+        log.info("precision auto -> float32 (%s)", why)
+        return precision
+    cosine = agreement_with_float32(weights, precision, check_size)
+    height, width = check_size
+    if cosine < min_cosine:
+        log.warning("precision auto -> float32: %s descriptors of these weights reach only cosine "
+                    "%.6f to float32 ones on %dx%d check images (at least %s wanted); pass "
+                    "--precision %s to accept that for its speed", precision, cosine, height,
+                    width, min_cosine, precision)
+        return "float32"
+    log.info("precision auto -> %s (%s; cosine to float32 %.6f on %dx%d check images)",
+             precision, why, cosine, height, width)
+    return precision
 
 
 def thread_settings() -> dict[str, int]:

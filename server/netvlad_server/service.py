@@ -18,7 +18,7 @@ from importlib import metadata
 
 import grpc
 import numpy as np
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from netvlad_client._proto import netvlad_pb2 as pb
 from netvlad_client._proto import netvlad_pb2_grpc as pb_grpc
 
@@ -130,6 +130,36 @@ def encode_stream_response(sequence: int, response: bytes) -> bytes:
     return head + _field(2, response)
 
 
+class MalformedMessage:
+    """A request message that failed to parse; its handler answers INVALID_ARGUMENT."""
+
+    sequence = 0  # read where a stream frame's sequence number would be
+
+    def __init__(self, type_name: str, error: DecodeError) -> None:
+        self.error = RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the message is not a valid {type_name} ({error}); send one serialised from "
+            "netvlad/v1/netvlad.proto, with string fields in UTF-8")
+
+    @property
+    def request(self) -> MalformedMessage:
+        """Stands for the DescribeImagesRequest a stream frame would hold."""
+        return self
+
+
+def _parser(message_type: type[Message]) -> Callable[[bytes], Message | MalformedMessage]:
+    """A request deserializer that turns parse failures into a MalformedMessage, not UNKNOWN."""
+    type_name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message | MalformedMessage:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return MalformedMessage(type_name, exc)
+
+    return parse
+
+
 def _serialize(message: Message | bytes) -> bytes:
     """Response serializer accepting pre-encoded bytes as well as protobuf messages."""
     return message if isinstance(message, bytes) else message.SerializeToString()
@@ -139,14 +169,14 @@ def add_descriptor_service(servicer: DescriptorService, server: grpc.aio.Server)
     """Register the servicer with a serializer that passes pre-encoded responses through."""
     handlers = {
         "DescribeImages": grpc.unary_unary_rpc_method_handler(
-            servicer.DescribeImages, request_deserializer=pb.DescribeImagesRequest.FromString,
+            servicer.DescribeImages, request_deserializer=_parser(pb.DescribeImagesRequest),
             response_serializer=_serialize),
         "StreamDescribeImages": grpc.stream_stream_rpc_method_handler(
             servicer.StreamDescribeImages,
-            request_deserializer=pb.StreamDescribeImagesRequest.FromString,
+            request_deserializer=_parser(pb.StreamDescribeImagesRequest),
             response_serializer=_serialize),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetModelInfo, request_deserializer=pb.GetModelInfoRequest.FromString,
+            servicer.GetModelInfo, request_deserializer=_parser(pb.GetModelInfoRequest),
             response_serializer=_serialize),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -250,6 +280,9 @@ class DescriptorService(pb_grpc.DescriptorServiceServicer):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            if isinstance(request, MalformedMessage):
+                code = request.error.code
+                await context.abort(code, request.error.message)
             if self._info is None:
                 code = grpc.StatusCode.UNAVAILABLE
                 await context.abort(code, _LOADING)
@@ -304,6 +337,8 @@ class DescriptorService(pb_grpc.DescriptorServiceServicer):
 
     async def _describe(self, request: pb.DescribeImagesRequest, timeout: float | None) -> bytes:
         """Check, decode, queue and await one request's images; the encoded response."""
+        if isinstance(request, MalformedMessage):
+            raise request.error
         model, batcher = self._model, self._batcher
         if model is None or batcher is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, _LOADING)

@@ -1,0 +1,66 @@
+"""netvlad-bench end to end on demo-tiny: real servers, real requests, valid JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from netvlad_server import bench
+
+
+def small_run(tmp_path, *extra: str) -> tuple[dict, np.ndarray | None]:
+    """Run netvlad-bench with a handful of tiny requests; the JSON and the decoded PNG."""
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = bench.main(["--model", "demo-tiny", "--precision", "float32", "--size", "32x48",
+                       "--callers", "2", "--requests", "6", "--single-requests", "3",
+                       "--rss-requests", "10", "--raw-repeats", "1", "--out", str(out),
+                       "--plot", str(png), "--log-dir", str(tmp_path / "logs"), *extra])
+    assert code == 0
+    return json.loads(out.read_text()), cv2.imread(str(png)) if png.exists() else None
+
+
+def test_bench_starts_servers_and_writes_json_and_plot(tmp_path):
+    results, image = small_run(tmp_path)
+    load, raw = results["load"], results["raw"]
+    assert results["precision"] == results["model_info"]["precision"] == "float32"
+    assert load["requests"] == 6 and load["callers"] == 2 and len(load["latencies_ms"]) == 6
+    # The batch sizes come from the server's /metrics: together they hold exactly the 6 images.
+    assert sum(int(size) * calls for size, calls in load["batch_sizes"].items()) == 6
+    assert 0 < load["latency"]["p50_ms"] <= load["latency"]["p95_ms"] <= load["latency"]["p99_ms"]
+    assert load["images_per_second"] > 0 and load["server_cpu_seconds"] > 0
+    assert results["single"]["batch_sizes"] == {"1": 3}  # one caller: nothing to batch
+    assert results["baseline"]["batch_sizes"] == {"1": 6}  # --max-batch-size 1
+    memory = results["memory"]
+    assert memory["samples"][0][0] == 0 and memory["samples"][-1][0] == 10
+    assert all(rss > 50 for _, rss in memory["samples"])  # a TensorFlow process, in MiB
+    assert set(raw["by_batch"]) == {"1", *load["batch_sizes"]}
+    assert raw["cosine_server_vs_float32"] == pytest.approx(1.0, abs=1e-5)
+    assert results["overhead"]["cpu_seconds_per_request"] > 0
+    summary = results["summary"]
+    assert {"server_vs_raw_at_formed_batches", "server_vs_float32_one_at_a_time",
+            "single_caller_median_vs_raw_batch_1", "server_vs_no_batching",
+            "rss_growth_mib"} <= set(summary)
+    assert image is not None and image.shape[0] > 300 and image.shape[1] > 400
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 10  # drawn, not blank
+
+
+def test_bench_drives_a_running_server(tiny_server_process, tmp_path):
+    server = tiny_server_process
+    results, image = small_run(
+        tmp_path, "--target", server.target, "--server-pid", str(server.process.pid),
+        "--metrics-url", f"http://127.0.0.1:{server.metrics_port}/metrics",
+        "--skip", "baseline,overhead,raw", "--encoding", "raw", "--plot", "")
+    assert image is None
+    assert {"load", "single", "memory"} <= set(results) and "baseline" not in results
+    assert results["model_info"]["batching"]["max_images_per_request"] == 4  # that server's flag
+    assert sum(int(size) * calls for size, calls in results["load"]["batch_sizes"].items()) == 6
+    assert results["memory"]["requests"] == 10
+
+
+@pytest.mark.parametrize("argv", [["--size", "240"], ["--skip", "everything"],
+                                  ["--callers", "0"]])
+def test_bench_refuses_bad_options(argv):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)

@@ -37,7 +37,12 @@ def test_bench_starts_servers_and_writes_json_and_plot(tmp_path):
     assert all(rss > 50 for _, rss in memory["samples"])  # a TensorFlow process, in MiB
     assert set(raw["by_batch"]) == {"1", *load["batch_sizes"]}
     assert raw["cosine_server_vs_float32"] == pytest.approx(1.0, abs=1e-5)
-    assert results["overhead"]["cpu_seconds_per_request"] > 0
+    overhead = results["overhead"]  # CPU outside the model: server threads (10 ms ticks), decode
+    parts = [overhead[f"{name}_cpu_seconds_per_request"] for name in ("event_loop", "grpc_io")]
+    assert min(parts) >= 0 and overhead["decode_cpu_seconds_per_image"] > 0  # a JPEG by default
+    assert overhead["total_cpu_seconds_per_request"] == pytest.approx(
+        sum(parts) + overhead["decode_cpu_seconds_per_image"])
+    assert overhead["total_cpu_seconds_per_request"] <= load["server_cpu_seconds_per_request"]
     summary = results["summary"]
     assert {"server_vs_raw_at_formed_batches", "server_vs_float32_one_at_a_time",
             "single_caller_median_vs_raw_batch_1", "server_vs_no_batching",
@@ -51,12 +56,13 @@ def test_bench_drives_a_running_server(tiny_server_process, tmp_path):
     results, image = small_run(
         tmp_path, "--target", server.target, "--server-pid", str(server.process.pid),
         "--metrics-url", f"http://127.0.0.1:{server.metrics_port}/metrics",
-        "--skip", "baseline,overhead,raw", "--encoding", "raw", "--plot", "")
+        "--skip", "baseline,raw", "--encoding", "raw", "--plot", "")
     assert image is None
     assert {"load", "single", "memory"} <= set(results) and "baseline" not in results
     assert results["model_info"]["batching"]["max_images_per_request"] == 4  # that server's flag
     assert sum(int(size) * calls for size, calls in results["load"]["batch_sizes"].items()) == 6
     assert results["memory"]["requests"] == 10
+    assert results["overhead"]["decode_cpu_seconds_per_image"] < 1e-3  # raw pixels: a view
 
 
 @pytest.mark.parametrize("argv", [["--size", "240"], ["--skip", "everything"],

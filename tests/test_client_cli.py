@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from client_support import random_image, reference, write_png
+from client_support import ServerProcess, random_image, reference, write_png
 from conftest import free_port
 from netvlad_client.cli import main
 
@@ -60,6 +60,28 @@ def test_describe_one_image_equals_the_network(server, tmp_path):
     got = np.load(out)
     assert got.dtype == np.float32 and got.shape == (1, 32)
     np.testing.assert_array_equal(got[0], reference(image))
+
+
+def test_server_on_the_official_directory_gives_what_the_network_computes(tmp_path):
+    """netvlad-server --model <the folder the official zip unpacks to>; describe via the CLI."""
+    from netvlad_server.network import NetVLADNetwork
+    from netvlad_server.weights import demo_weights, load_weights
+    from weightfiles import write_official_dir
+
+    # Not demo-tiny's seed: only a server that really read the folder gives these descriptors.
+    directory = write_official_dir(demo_weights("tiny", seed=3).tensors, tmp_path)
+    image = random_image(7, 48, 64)
+    path, out = write_png(tmp_path / "img.png", image), tmp_path / "d.npy"
+    process = ServerProcess(free_port(), free_port(), tmp_path / "server.log",
+                            "--model", str(directory))
+    try:
+        process.wait_serving()
+        assert main(["--target", process.target, "describe", str(path), "--out", str(out)]) == 0
+    finally:
+        process.stop()
+    got = np.load(out)
+    np.testing.assert_array_equal(got, NetVLADNetwork(load_weights(directory))(image))
+    assert not np.allclose(got[0], reference(image), atol=1e-3)
 
 
 def test_every_output_format_reads_back(server, folder, tmp_path):

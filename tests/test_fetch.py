@@ -284,7 +284,19 @@ def test_cli_fetch_command(tmp_path, serve, official_zip):
     assert done.returncode == 0, done.stderr
     assert (dest / OFFICIAL_NAME).is_dir()
     assert f"installed {dest / OFFICIAL_NAME}" in done.stderr
+    complete = [line for line in done.stderr.splitlines() if "100.0%" in line]
+    assert len(complete) == 1, done.stderr  # not a terminal: each state is written once
 
     again = subprocess.run([*command, "--url", server.url], capture_output=True, text=True)
     assert again.returncode == 1
     assert "already exists" in again.stderr
+
+
+def test_cli_refuses_a_malformed_sha256_before_downloading(tmp_path, serve, official_zip):
+    server = serve(official_zip)
+    command = [str(Path(sys.executable).with_name("netvlad-models")), "fetch", "--dest",
+               str(tmp_path), "--url", server.url, "--sha256", "00"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "--sha256: expected 64 hexadecimal digits (a SHA-256), got '00'" in done.stderr
+    assert server.ranges == []

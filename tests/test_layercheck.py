@@ -139,6 +139,20 @@ def test_stats_without_outs_is_refused(capsys, tmp_path, net_mat):
     assert code == 2 and "no variable 'outs' (found: times)" in err
 
 
+def test_stats_that_are_not_a_mat_file_are_refused(capsys, tmp_path, net_mat):
+    (tmp_path / "notes.txt").write_text("hello\n")
+    code, _, err = run(capsys, net_mat, tmp_path / "notes.txt")
+    assert code == 2 and "notes.txt: not a readable MATLAB v5/v7 .mat file" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"), [("absent.mat", "no such file"), (".", "is a directory")]
+)
+def test_missing_or_directory_net_is_named(capsys, tmp_path, net_mat, name, problem):
+    code, _, err = run(capsys, tmp_path / name, net_mat)
+    assert code == 2 and f"{tmp_path / name}: {problem}; expected a structed MatConvNet" in err
+
+
 def test_unknown_precision_is_refused(capsys, net_mat, tmp_path):
     code, _, err = run(capsys, net_mat, tmp_path / "x.mat", "--precision", "int8")
     assert code == 2 and "--precision must be one of float32, bfloat16, float16" in err

@@ -19,7 +19,7 @@ from netvlad_server.network import NetVLADNetwork
 from netvlad_server.runtime import (
     Hardware,
     agreement_with_float32,
-    choose_precision,
+    build_network,
     detect_hardware,
     onednn_enabled,
     read_cpu_flags,
@@ -100,23 +100,32 @@ def model_info_and_metric(config, loader):
 
 
 def test_auto_keeps_a_lower_precision_only_when_it_agrees_with_float32(tiny_weights, caplog):
-    cosine = agreement_with_float32(tiny_weights, "bfloat16", (32, 48))
+    cosine = agreement_with_float32(NetVLADNetwork(tiny_weights, "bfloat16"), (32, 48))
     assert 0.99 < cosine < 1.0  # close, yet really computed in bfloat16
-    assert agreement_with_float32(tiny_weights, "float32", (32, 48)) == pytest.approx(1.0)
+    assert agreement_with_float32(NetVLADNetwork(tiny_weights), (32, 48)) == pytest.approx(1.0)
     zen4 = Hardware(ZEN4_FLAGS)
-    assert choose_precision("auto", tiny_weights, (32, 48), zen4, min_cosine=0.99) == "bfloat16"
-    assert choose_precision("auto", tiny_weights, (32, 48), zen4, min_cosine=1.0) == "float32"
+
+    def built(requested: str, hardware: Hardware, min_cosine: float) -> str:
+        network = build_network(tiny_weights, requested, False, (32, 48), hardware, min_cosine)
+        return network.precision
+
+    assert built("auto", zen4, 0.99) == "bfloat16"
+    assert built("auto", zen4, 1.0) == "float32"
     assert "precision auto -> float32: bfloat16 descriptors" in caplog.text
-    assert choose_precision("auto", tiny_weights, (32, 48), Hardware(SKYLAKE_FLAGS),
-                            min_cosine=0.0) == "float32"  # no bf16 instructions: not even tried
-    assert choose_precision("bfloat16", tiny_weights, (32, 48), zen4, min_cosine=1.0) == (
-        "bfloat16")  # an explicit choice is the user's, not checked
+    assert built("auto", Hardware(SKYLAKE_FLAGS), 0.0) == "float32"  # no bf16 instructions
+    assert built("bfloat16", zen4, 1.0) == "bfloat16"  # an explicit choice is not second-guessed
+
+
+def test_float32_reference_is_the_float32_network(tiny_weights):
+    images = np.stack([random_image(seed, 40, 56) for seed in (1, 2)])
+    reference = NetVLADNetwork(tiny_weights, "bfloat16").float32_reference(images)
+    np.testing.assert_allclose(reference, NetVLADNetwork(tiny_weights)(images), atol=1e-6)
 
 
 def test_auto_precision_is_resolved_and_reported(tiny_weights):
     config = tiny_config(free_port(), precision="auto")
     reported, label, _, _ = model_info_and_metric(config, load_model)
-    expected = choose_precision("auto", tiny_weights, config.warmup_sizes[0])
+    expected = build_network(tiny_weights, "auto", False, config.warmup_sizes[0]).precision
     assert reported == label == expected != "auto"
 
 

@@ -301,6 +301,8 @@ def test_text_file_as_index_is_not_a_checkpoint(tmp_path):
     [
         ("weights.txt", b"hello\n", r"unrecognised weight file \(extension '.txt'\)"),
         ("weights.mat", b"\x01garbage" * 40, "not a readable MATLAB .mat file"),
+        ("notes.mat", b"hello\n", "not a readable MATLAB .mat file"),
+        ("empty.mat", b"", "not a readable MATLAB .mat file"),
         ("weights.npz", b"\x01garbage" * 40, "not a readable .npz file"),
         ("weights.zip", b"\x01garbage" * 40, "not a readable zip file"),
     ],

@@ -4,13 +4,14 @@ Phases (server phases start their own `python -m netvlad_server`, or drive --tar
 
 1. load: N concurrent callers send --requests copies of one fixed image (JPEG, PNG or raw
    pixels): throughput, latency p50/p95/p99, the batch sizes the server formed (the
-   netvlad_batch_size histogram on /metrics), server CPU seconds per request;
+   netvlad_batch_size histogram on /metrics), server CPU seconds per request, and the CPU per
+   request spent outside the model: the event-loop thread (the main thread: every request's
+   Python), gRPC's I/O threads (event_engine, grpc_*), plus decoding, timed here with the
+   server's own decoder;
 2. single: one caller, --single-requests requests: latency;
 3. memory: --rss-requests requests while the server's VmRSS (/proc/PID/status) is sampled;
 4. baseline: the same server with --max-batch-size 1 (no batching) under the same N callers;
-5. overhead: the same load on demo-tiny weights, whose model costs almost nothing: the server's
-   CPU per request that is not the model (decoding, gRPC, queueing, Python);
-6. raw: the network called directly in this process, no gRPC: the time of every batch size the
+5. raw: the network called directly in this process, no gRPC: the time of every batch size the
    server formed (the ceiling), batch 1 in the server's precision (the latency reference) and
    float32 batch 1 (the one-image-at-a-time reference) with its cosine to the server's answer.
 
@@ -47,10 +48,10 @@ from netvlad_server.config import ConfigError, parse_sizes
 from netvlad_server.runtime import synthetic_scene
 
 DESCRIBE = "/netvlad.v1.DescriptorService/DescribeImages"
-PHASES = ("load", "single", "memory", "baseline", "overhead", "raw")
+PHASES = ("load", "single", "memory", "baseline", "raw")
 ENCODINGS = ("jpeg", "png", "raw")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-_TINY = "demo-tiny"
+_GRPC_THREADS = ("event_engine", "grpc")  # name prefixes of gRPC core's own threads
 
 
 @dataclass
@@ -76,7 +77,6 @@ class BenchSettings:
     single_requests: int = 16
     rss_requests: int = 2000
     baseline_requests: int = 0  # 0: as many as --requests
-    overhead_requests: int = 400
     raw_repeats: int = 3
     skip: frozenset[str] = frozenset()
     out: str = "bench.json"
@@ -109,7 +109,6 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchSettings:
     add("--single-requests", type=int, default=16, help="requests of the one-caller phase")
     add("--rss-requests", type=int, default=2000, help="requests of the memory phase")
     add("--baseline-requests", type=int, default=0, help="0: as many as --requests")
-    add("--overhead-requests", type=int, default=400, help="requests of the demo-tiny phase")
     add("--raw-repeats", type=int, default=3, help="timed raw calls per batch size (median)")
     add("--skip", default="", help=f"comma-separated phases to leave out: {', '.join(PHASES)}")
     add("--out", default="bench.json", help="JSON results file")
@@ -169,6 +168,33 @@ def process_stats(pid: int) -> dict[str, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     cpu_ticks = int(fields[11]) + int(fields[12])  # utime + stime
     return {"rss_mib": rss_kib / 1024, "cpu_seconds": cpu_ticks / _CLK_TCK}
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of the process's main thread (the asyncio event loop) and gRPC I/O threads."""
+    out = {"event_loop": 0.0, "grpc_io": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        if task.name == str(pid):
+            out["event_loop"] += seconds
+        elif name.startswith(_GRPC_THREADS):
+            out["grpc_io"] += seconds
+    return out
+
+
+def decode_cpu_seconds(message: pb.Image, repeats: int = 20) -> float:
+    """Median CPU seconds the server's decoding (same function) takes for this image."""
+    times = []
+    for _ in range(repeats):
+        start = time.thread_time()
+        server_pixels(message)
+        times.append(time.thread_time() - start)
+    return statistics.median(times)
 
 
 def scrape(metrics_url: str) -> dict[str, Any]:
@@ -341,7 +367,9 @@ def load_phase(server: Server, request: bytes, images_per_request: int, callers:
     """Warm up with 2 rounds of callers, then time `count` requests; metrics diffed around them."""
     drive(server.target, request, callers, 2 * callers)
     before, stats_before = settled_scrape(server.metrics_url), server.stats()
+    threads_before = thread_cpu(server.pid) if server.pid else None
     latencies, wall, answer = drive(server.target, request, callers, count)
+    threads_after = thread_cpu(server.pid) if server.pid else None
     after, stats_after = settled_scrape(server.metrics_url), server.stats()
     sizes = batch_sizes_between(before, after)
     images = count * images_per_request
@@ -355,10 +383,13 @@ def load_phase(server: Server, request: bytes, images_per_request: int, callers:
         "descriptor": list(pb.DescribeImagesResponse.FromString(answer).descriptors[0].values),
     }
     result["model_busy_fraction"] = result["model_seconds"] / wall
-    if stats_before and stats_after:
+    if stats_before and stats_after and threads_before and threads_after:
         cpu = stats_after["cpu_seconds"] - stats_before["cpu_seconds"]
         result.update(server_cpu_seconds=cpu, server_cpu_seconds_per_request=cpu / count,
-                      rss_mib=stats_after["rss_mib"])
+                      rss_mib=stats_after["rss_mib"], **{
+                          f"{name}_cpu_seconds_per_request":
+                              (threads_after[name] - threads_before[name]) / count
+                          for name in threads_after})
     return result
 
 
@@ -385,7 +416,7 @@ def memory_phase(server: Server, request: bytes, callers: int, count: int) -> di
 def raw_phase(settings: BenchSettings, precision: str, image: np.ndarray,
               batch_sizes: Sequence[int], server_descriptor: Sequence[float] | None,
               ) -> dict[str, Any]:
-    """The network called directly: each batch size in `precision`, float32 batch 1, tiny CPU."""
+    """The network called directly: each batch size formed in `precision`, and float32 batch 1."""
     from netvlad_server.network import NetVLADNetwork
     from netvlad_server.weights import load_weights
 
@@ -417,25 +448,6 @@ def raw_phase(settings: BenchSettings, precision: str, image: np.ndarray,
         reference = net(image[None])[0]
         out["cosine_server_vs_float32"] = float(np.dot(reference, server_descriptor))
     return out
-
-
-def raw_tiny_cpu_per_image(image: np.ndarray, batch_sizes: dict[int, int], precision: str
-                           ) -> float:
-    """CPU seconds per image of the demo-tiny network over the batch sizes a server formed."""
-    from netvlad_server.network import NetVLADNetwork
-    from netvlad_server.weights import load_weights
-
-    net = NetVLADNetwork(load_weights(_TINY), precision=precision)
-    total_cpu, total_images = 0.0, 0
-    for size, calls in batch_sizes.items():
-        batch = np.repeat(image[None], size, axis=0)
-        net(batch)
-        start = time.process_time()
-        for _ in range(5):
-            net(batch)
-        total_cpu += (time.process_time() - start) / 5 * calls
-        total_images += size * calls
-    return total_cpu / max(1, total_images)
 
 
 def ceiling(raw: dict[str, Any], sizes: dict[int, int]) -> float:
@@ -471,8 +483,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         out["rss_growth_mib"] = {"value": memory["rss_end_mib"] - memory["rss_start_mib"],
                                  "requests": memory["requests"]}
     if results.get("overhead"):
-        out["cpu_ms_per_request_not_model"] = {
-            "value": 1000 * results["overhead"]["cpu_seconds_per_request_not_model"]}
+        out["cpu_ms_per_request_outside_model"] = {
+            "value": 1000 * results["overhead"]["total_cpu_seconds_per_request"]}
     return out
 
 
@@ -593,27 +605,16 @@ def run(settings: BenchSettings) -> dict[str, Any]:
                                              settings.baseline_requests or settings.requests)
         finally:
             baseline.stop()
-    tiny_run, tiny_precision = None, "float32"
-    if phase("overhead"):
-        if settings.model == _TINY and "server_cpu_seconds" in results.get("load", {}):
-            tiny_run, tiny_precision = results["load"], results["precision"]  # already demo-tiny
-        else:
-            tiny = started("overhead.log", "--model", _TINY, "--precision", "float32", "--no-xla")
-            try:
-                tiny_run = load_phase(tiny, request, 1, settings.callers,
-                                      settings.overhead_requests)
-            finally:
-                tiny.stop()
-    _configure_raw_threads(settings)
-    if tiny_run is not None:
-        model_cpu = raw_tiny_cpu_per_image(pixels, tiny_run["batch_sizes"], tiny_precision)
+    load = results.get("load", {})
+    if "event_loop_cpu_seconds_per_request" in load:
+        decode = decode_cpu_seconds(message)
         results["overhead"] = {
-            "requests": tiny_run["requests"], "images_per_second": tiny_run["images_per_second"],
-            "batch_sizes": tiny_run["batch_sizes"],
-            "cpu_seconds_per_request": tiny_run["server_cpu_seconds_per_request"],
-            "tiny_model_cpu_seconds_per_image": model_cpu,
-            "cpu_seconds_per_request_not_model":
-                tiny_run["server_cpu_seconds_per_request"] - model_cpu}
+            "event_loop_cpu_seconds_per_request": load["event_loop_cpu_seconds_per_request"],
+            "grpc_io_cpu_seconds_per_request": load["grpc_io_cpu_seconds_per_request"],
+            "decode_cpu_seconds_per_image": decode,
+            "total_cpu_seconds_per_request": load["event_loop_cpu_seconds_per_request"]
+            + load["grpc_io_cpu_seconds_per_request"] + decode}
+    _configure_raw_threads(settings)
     if phase("raw"):
         formed = results.get("load", {}).get("batch_sizes", {})
         descriptor = results.get("load", {}).get("descriptor")
@@ -661,10 +662,12 @@ def report(results: dict[str, Any]) -> str:
                      f"{m['rss_end_mib']:.0f} MiB (max {m['rss_max_mib']:.0f}), second half "
                      f"{m['growth_second_half_mib_per_1000_requests']:+.1f} MiB per 1000 requests")
     if results.get("overhead"):
-        o = results["overhead"]
+        o = {k: 1000 * v for k, v in results["overhead"].items()}
         lines.append(f"overhead  server CPU per request outside the model: "
-                     f"{1000 * o['cpu_seconds_per_request_not_model']:.2f} ms "
-                     f"({1000 * o['cpu_seconds_per_request']:.2f} ms in all, demo-tiny)")
+                     f"{o['total_cpu_seconds_per_request']:.2f} ms (event loop "
+                     f"{o['event_loop_cpu_seconds_per_request']:.2f}, gRPC I/O "
+                     f"{o['grpc_io_cpu_seconds_per_request']:.2f}, decoding "
+                     f"{o['decode_cpu_seconds_per_image']:.2f})")
     if results.get("raw"):
         r = results["raw"]
         for size, row in r["by_batch"].items():

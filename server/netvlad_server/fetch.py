@@ -84,6 +84,7 @@ class Progress:
         self.t0 = self.last = time.monotonic()
         self.tty = stream.isatty()
         self.last_decile = -1
+        self.written = -1  # bytes done at the last line written when not a terminal
 
     def _line(self) -> str:
         """One status line: bytes so far, of the total when known, and the rate of this run."""
@@ -108,10 +109,12 @@ class Progress:
             decile = 10 * self.done // self.total
             if decile != self.last_decile:
                 self.stream.write(self._line() + "\n")
-                self.last_decile = decile
+                self.last_decile, self.written = decile, self.done
 
     def close(self) -> None:
-        """Draw the final state and end the line."""
+        """Draw the final state and end the line (unless that line was just written)."""
+        if not self.tty and self.written == self.done:
+            return
         prefix = "\r\x1b[K" if self.tty else ""
         self.stream.write(prefix + self._line() + "\n")
         self.stream.flush()
@@ -339,6 +342,15 @@ def fetch(cfg: FetchConfig, stream: TextIO = sys.stderr) -> Path:
     return target
 
 
+def _sha256_hex(text: str) -> str:
+    """argparse type of --sha256: 64 hex digits, checked before a byte is downloaded."""
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise argparse.ArgumentTypeError(
+            f"expected 64 hexadecimal digits (a SHA-256), got {text!r}"
+        )
+    return text
+
+
 def register_fetch(subparsers: argparse._SubParsersAction) -> None:
     """Add `fetch [--dest models/] [--url URL]` to `netvlad-models`."""
     parser = subparsers.add_parser(
@@ -356,7 +368,10 @@ def register_fetch(subparsers: argparse._SubParsersAction) -> None:
         help="where to download the zip from, e.g. a mirror (env NETVLAD_WEIGHTS_URL)",
     )
     parser.add_argument("--force", action="store_true", help="replace an installed model")
-    parser.add_argument("--sha256", help="expected SHA-256 of the zip, checked before unpacking")
+    parser.add_argument(
+        "--sha256", type=_sha256_hex,
+        help="expected SHA-256 of the zip (64 hex digits), checked before unpacking",
+    )
     parser.add_argument(
         "--retries", type=int, default=3, help="resume attempts after an interruption (default 3)"
     )

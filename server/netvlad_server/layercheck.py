@@ -121,7 +121,8 @@ def read_stats(path: str | Path, layer_count: int) -> tuple[np.ndarray, list[np.
 
     try:
         contents = scipy.io.loadmat(path, squeeze_me=True)
-    except (ValueError, TypeError, OSError, NotImplementedError) as exc:
+    except (ValueError, TypeError, OSError, NotImplementedError,
+            scipy.io.matlab.MatReadError) as exc:
         raise StatsError(f"{path}: not a readable MATLAB v5/v7 .mat file ({exc})") from exc
     if "outs" not in contents:
         found = ", ".join(k for k in contents if not k.startswith("__")) or "none"

@@ -49,15 +49,14 @@ def load_model(config: ServerConfig) -> LoadedModel:
     """Read the weights named by config.model and build the TensorFlow network (slow: seconds)."""
     import tensorflow as tf
 
-    from netvlad_server.network import NetVLADNetwork, truncate_descriptors
-    from netvlad_server.runtime import choose_precision, configure_tensorflow
+    from netvlad_server.network import truncate_descriptors
+    from netvlad_server.runtime import build_network, configure_tensorflow
     from netvlad_server.weights import load_weights
 
     configure_tensorflow(config.intra_op_threads, config.inter_op_threads,
                          config.gpu_memory_growth)  # before TensorFlow's first operation
     weights = load_weights(config.model)
-    precision = choose_precision(config.precision, weights, *config.warmup_sizes[:1])
-    network = NetVLADNetwork(weights, precision=precision, xla=config.xla)
+    network = build_network(weights, config.precision, config.xla, *config.warmup_sizes[:1])
     description = ModelDescription(
         model_name=weights.name, weight_source=weights.source, weight_format=weights.format,
         demo=weights.format == "demo", output_dims=network.output_dims,
@@ -68,10 +67,16 @@ def load_model(config: ServerConfig) -> LoadedModel:
 
 
 def warm_up(model: LoadedModel, config: ServerConfig) -> None:
-    """Run each expected image size once so the first real request pays no tracing cost."""
+    """Run each expected image size once so the first real request pays no tracing cost.
+
+    oneDNN sets up a new batch size in well under a call's time, so batch 1 is enough; XLA
+    compiles every batch shape anew (about a second each), so under XLA every batch size runs.
+    """
+    batches = range(1, config.max_batch_size + 1) if config.xla else (1,)
     for height, width in config.warmup_sizes:
         start = time.perf_counter()
-        model.forward(np.zeros((1, height, width, 3), np.uint8))
+        for batch in batches:
+            model.forward(np.zeros((batch, height, width, 3), np.uint8))
         log.info("warm-up %dx%d: %.2f s", height, width, time.perf_counter() - start)
 
 

@@ -150,15 +150,19 @@ class NetVLADNetwork:
 
     def _layers(self, images: tf.Tensor, offset: tf.Tensor) -> list[tf.Tensor]:
         """Every layer's output, in layer_plan() order, for float32 images [B, H, W, C]."""
+        return self._layers_in(images, offset, self._dtype)
+
+    def _layers_in(self, images: tf.Tensor, offset: tf.Tensor, dtype: tf.DType) -> list[tf.Tensor]:
+        """_layers with the convolutions, ReLUs and poolings run in `dtype`."""
         out: list[tf.Tensor] = []
         # Steps 0-1: [B,H,W,1] - [3] broadcasts a gray channel to RGB while subtracting the mean.
         x = tf.ensure_shape(images - offset, [None, None, None, 3])
-        x = tf.cast(x, self._dtype)
+        x = tf.cast(x, dtype)
         for name, (kernel, bias) in zip(CONV_LAYERS, self._convs, strict=True):
             # Graph constants, not captured tensors: oneDNN then keeps each kernel in its blocked
             # layout across calls instead of reordering it on every call (~5% at batch 1).
-            kernel = tf.constant(kernel, self._dtype)  # [kh, kw, in, out]
-            bias = tf.constant(bias, self._dtype)  # [out]
+            kernel = tf.constant(kernel, dtype)  # [kh, kw, in, out]
+            bias = tf.constant(bias, dtype)  # [out]
             x = tf.nn.bias_add(tf.nn.conv2d(x, kernel, strides=1, padding="SAME"), bias)
             out.append(x)
             if name != CONV_LAYERS[-1]:  # conv5_3 has no ReLU
@@ -199,6 +203,16 @@ class NetVLADNetwork:
                 f"the network produced non-finite descriptors in {self.precision}: an activation "
                 "overflowed (float16 tops out at 65504); run in bfloat16 or float32 instead")
         return desc if dims is None else truncate_descriptors(desc, dims)
+
+    def float32_reference(self, images: np.ndarray) -> np.ndarray:
+        """Descriptors from float32 convolutions, the rest shared: a lower precision's yardstick.
+
+        Costs no second copy of the whitening matrix, unlike a float32 NetVLADNetwork.
+        """
+        array = check_images(images).astype(np.float32, copy=False)
+        run = tf.function(lambda x: self._layers_in(x, self._mean, tf.float32)[-1])
+        with tf.device(self.device):
+            return run(array).numpy()
 
     def layer_outputs(
         self, images: np.ndarray, subtract_mean: bool = True

@@ -2,7 +2,7 @@
 
 `resolve_precision` is a pure function of what the machine offers (CPU flags from /proc/cpuinfo,
 the GPU's CUDA compute capability, whether oneDNN is on), so every branch is testable on any host;
-`choose_precision` adds the check that the loaded weights keep their descriptors in that precision.
+`build_network` adds the check that the loaded weights keep their descriptors in that precision.
 Thread counts and GPU memory growth must be set before TensorFlow runs its first operation.
 """
 
@@ -13,10 +13,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from netvlad_server.weights import NetVLADWeights
+
+if TYPE_CHECKING:
+    from netvlad_server.network import NetVLADNetwork
 
 # CPU flags naming native bfloat16 arithmetic that oneDNN turns into fast convolutions: the AVX-512
 # dot-product instructions (Intel Cooper Lake and later, AMD Zen 4 and later) and the AMX tiles
@@ -126,31 +130,30 @@ def synthetic_scene(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def agreement_with_float32(weights: NetVLADWeights, precision: str,
-                           size: tuple[int, int] = (240, 320), images: int = 2) -> float:
-    """Smallest cosine between `precision` and float32 descriptors of a few synthetic scenes."""
-    from netvlad_server.network import NetVLADNetwork
-
+def agreement_with_float32(network: NetVLADNetwork, size: tuple[int, int] = (240, 320),
+                           images: int = 2) -> float:
+    """Smallest cosine between the network's descriptors of synthetic scenes and float32 ones."""
     batch = np.stack([synthetic_scene(*size, seed=seed) for seed in range(images)])
-    exact = NetVLADNetwork(weights, precision="float32")(batch)
-    low = NetVLADNetwork(weights, precision=precision)(batch)
-    return float(np.min(np.sum(exact * low, axis=1)))
+    return float(np.min(np.sum(network(batch) * network.float32_reference(batch), axis=1)))
 
 
-def choose_precision(requested: str, weights: NetVLADWeights,
-                     check_size: tuple[int, int] = (240, 320), hardware: Hardware | None = None,
-                     min_cosine: float = AUTO_MIN_COSINE) -> str:
-    """The precision to run `weights` in; "auto" is checked against float32 on these weights.
+def build_network(weights: NetVLADWeights, requested: str, xla: bool = False,
+                  check_size: tuple[int, int] = (240, 320), hardware: Hardware | None = None,
+                  min_cosine: float = AUTO_MIN_COSINE) -> NetVLADNetwork:
+    """The network for `weights` in the requested precision; "auto" is checked on these weights.
 
     "auto" first picks by hardware (resolve_precision); a lower precision is then kept only if
     its descriptors of synthetic scenes at check_size stay within cosine `min_cosine` of
     float32 ones for these very weights, else float32 is used. How close bfloat16 comes depends
     on the weights (see docs/BENCHMARKS.md), so this is measured rather than assumed.
     """
+    from netvlad_server.network import NetVLADNetwork
+
     hardware = detect_hardware() if hardware is None else hardware
     precision = resolve_precision(requested, hardware)
+    network = NetVLADNetwork(weights, precision=precision, xla=xla)
     if requested != "auto":
-        return precision
+        return network
     if hardware.gpu_capability is not None:
         major, minor = hardware.gpu_capability
         why = f"GPU compute capability {major}.{minor}"
@@ -160,18 +163,19 @@ def choose_precision(requested: str, weights: NetVLADWeights,
                f"{'on' if hardware.onednn else 'off'}")
     if precision == "float32":
         log.info("precision auto -> float32 (%s)", why)
-        return precision
-    cosine = agreement_with_float32(weights, precision, check_size)
+        return network
+    cosine = agreement_with_float32(network, check_size)
     height, width = check_size
     if cosine < min_cosine:
         log.warning("precision auto -> float32: %s descriptors of these weights reach only cosine "
                     "%.6f to float32 ones on %dx%d check images (at least %s wanted); pass "
                     "--precision %s to accept that for its speed", precision, cosine, height,
                     width, min_cosine, precision)
-        return "float32"
+        del network
+        return NetVLADNetwork(weights, precision="float32", xla=xla)
     log.info("precision auto -> %s (%s; cosine to float32 %.6f on %dx%d check images)",
              precision, why, cosine, height, width)
-    return precision
+    return network
 
 
 def thread_settings() -> dict[str, int]:

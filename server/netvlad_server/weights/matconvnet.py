@@ -162,6 +162,12 @@ def _load_net(path: Path) -> object:
     """Load `net` from a structed .mat, turning scipy's failures into specific errors."""
     import scipy.io  # a server dependency; loaded only when a .mat is read
 
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "no such file"
+        raise WeightsError(
+            f"{path}: {what}; expected a structed MatConvNet NetVLAD model (net_class2struct.m "
+            "output)"
+        )
     try:
         contents = scipy.io.loadmat(path, struct_as_record=False, squeeze_me=True)
     except NotImplementedError as exc:
@@ -169,7 +175,7 @@ def _load_net(path: Path) -> object:
             f"{path}: MATLAB v7.3 (HDF5) .mat files are not supported; in MATLAB, save the "
             "structed net with save(file, 'net', '-v7')"
         ) from exc
-    except (ValueError, TypeError, OSError, EOFError) as exc:
+    except (ValueError, TypeError, OSError, EOFError, scipy.io.matlab.MatReadError) as exc:
         raise WeightsError(
             f"{path}: not a readable MATLAB .mat file ({exc}); expected a structed MatConvNet "
             "NetVLAD model (net_class2struct.m output)"

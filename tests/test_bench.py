@@ -65,8 +65,14 @@ def test_bench_drives_a_running_server(tiny_server_process, tmp_path):
     assert results["overhead"]["decode_cpu_seconds_per_image"] < 1e-3  # raw pixels: a view
 
 
-@pytest.mark.parametrize("argv", [["--size", "240"], ["--skip", "everything"],
-                                  ["--callers", "0"]])
-def test_bench_refuses_bad_options(argv):
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--size", "240"], "expected HEIGHTxWIDTH"),
+    (["--size", "240x320,480x640"], "--size takes one HEIGHTxWIDTH"),
+    (["--skip", "raw,everything"], "unknown phase(s) everything"),
+    (["--callers", "0"], "--callers must be at least 1"),
+    (["--rss-requests", "0"], "--rss-requests must be at least 1 (use --skip"),
+])
+def test_bench_refuses_bad_options(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
+    assert message in capsys.readouterr().err

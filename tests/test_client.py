@@ -297,6 +297,10 @@ def test_resolve_target_forms():
     assert resolve_target(["[::1]:5", "[fe80::2]:6"]) == "ipv6:[::1]:5,[fe80::2]:6"
     assert resolve_target("dns:///netvlad.internal:50051") == "dns:///netvlad.internal:50051"
     assert resolve_target("ipv4:1.2.3.4:5,1.2.3.5:5") == "ipv4:1.2.3.4:5,1.2.3.5:5"
+    assert resolve_target("[::1]:5") == "[::1]:5"
+    for portless in ("localhost", "::1", "10.0.0.1:"):
+        with pytest.raises(NetVLADInputError, match="has no port; expected HOST:PORT"):
+            resolve_target(portless)
     with pytest.raises(NetVLADInputError, match="dns:///"):
         resolve_target(["host-a:5", "host-b:5"])
     with pytest.raises(NetVLADInputError, match="IPv4 or all IPv6"):

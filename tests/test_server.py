@@ -19,8 +19,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from netvlad_client._proto import netvlad_pb2 as pb
 from netvlad_client._proto import netvlad_pb2_grpc as pb_grpc
-from netvlad_server.main import load_model
-from netvlad_server.network import NetVLADNetwork
 from netvlad_server.service import SERVICE_NAME, encode_describe_response, encode_stream_response
 from prometheus_client.parser import text_string_to_metric_families
 from server_thread import InstrumentedModel, ServerThread, tiny_config, wait_for
@@ -59,18 +57,6 @@ def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         call(*args, **kwargs)
     return caught.value
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    """The tiny demo model as the server loads it (shared by this module's servers)."""
-    return load_model(tiny_config(0))
-
-
-@pytest.fixture(scope="module")
-def network(tiny_weights):
-    """An independent NetVLADNetwork instance for direct reference calls."""
-    return NetVLADNetwork(tiny_weights)
 
 
 @pytest.fixture(scope="module")

@@ -218,6 +218,11 @@ def resolve_target(target: str | Sequence[str]) -> str:
     if not addresses:
         raise NetVLADInputError("no server address given (expected HOST:PORT)")
     if len(addresses) == 1:
+        if not _HOST_PORT.match(addresses[0]):  # gRPC would silently dial port 443
+            raise NetVLADInputError(
+                f"server address {addresses[0]!r} has no port; expected HOST:PORT, e.g. "
+                f"{addresses[0].rstrip(':') or 'localhost'}:50051, or [IPv6]:PORT"
+            )
         return addresses[0]
     families = set()
     for address in addresses:

@@ -120,9 +120,15 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchSettings:
     except ConfigError as exc:
         parser.error(f"--size: {exc}")
     skip = frozenset(filter(None, (p.strip() for p in args.skip.split(","))))
-    if len(sizes) != 1 or skip - set(PHASES) or min(args.callers, args.requests) < 1:
-        parser.error(f"--size takes one HEIGHTxWIDTH, --skip phases from {', '.join(PHASES)}, "
-                     "--callers and --requests at least 1")
+    if len(sizes) != 1:
+        parser.error(f"--size takes one HEIGHTxWIDTH, e.g. 480x640; got {args.size!r}")
+    if skip - set(PHASES):
+        parser.error(f"--skip: unknown phase(s) {', '.join(sorted(skip - set(PHASES)))}; "
+                     f"the phases are {', '.join(PHASES)}")
+    for name in ("callers", "requests", "single_requests", "rss_requests", "raw_repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1 (use --skip to leave a "
+                         f"phase out); got {getattr(args, name)}")
     values = {k: v for k, v in vars(args).items() if k not in ("size", "skip", "server_args")}
     return BenchSettings(**values, height=sizes[0][0], width=sizes[0][1], skip=skip,
                          server_args=shlex.split(args.server_args))
@@ -540,6 +546,8 @@ def plot(results: dict[str, Any], path: str) -> None:
         samples = np.array(results["memory"]["samples"])
         ax.plot(samples[:, 0], samples[:, 1], color="tab:red")
         ax.set_ylim(0, samples[:, 1].max() * 1.15)
+    else:
+        ax.text(0.5, 0.5, "not measured in this run", ha="center", transform=ax.transAxes)
     ax.set_xlabel("requests answered")
     ax.set_ylabel("server RSS (MiB)")
     ax.set_title("server memory")

@@ -42,7 +42,6 @@ def test_bench_starts_servers_and_writes_json_and_plot(tmp_path):
     assert min(parts) >= 0 and overhead["decode_cpu_seconds_per_image"] > 0  # a JPEG by default
     assert overhead["total_cpu_seconds_per_request"] == pytest.approx(
         sum(parts) + overhead["decode_cpu_seconds_per_image"])
-    assert overhead["total_cpu_seconds_per_request"] <= load["server_cpu_seconds_per_request"]
     summary = results["summary"]
     assert {"server_vs_raw_at_formed_batches", "server_vs_float32_one_at_a_time",
             "single_caller_median_vs_raw_batch_1", "server_vs_no_batching",

@@ -268,6 +268,31 @@ def test_a_failing_run_fails_only_its_batch_and_the_batcher_goes_on():
     assert sorted(observer.failed) == [False, False, True]
 
 
+def test_a_dead_scheduler_is_reported_and_refuses_later_work():
+    class BrokenObserver(Observer):
+        def batch_done(self, *args: object) -> None:
+            raise RuntimeError("monitoring broke")
+
+    async def scenario():
+        stopped: list[BaseException] = []
+        batcher = DynamicBatcher(Recorder(), BatchingPolicy(max_queue_delay=0.0),
+                                 observer=BrokenObserver(), on_stopped=stopped.append)
+        batcher.start()
+        first = await asyncio.gather(*submit(batcher, "a", 1))
+        for _ in range(100):
+            if stopped:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(BatcherClosedError):
+            submit(batcher, "a", 2)
+        return first, stopped, batcher.accepting
+
+    first, stopped, accepting = asyncio.run(scenario())
+    assert first == [10]
+    assert len(stopped) == 1 and "monitoring broke" in str(stopped[0])
+    assert not accepting
+
+
 def test_a_run_returning_the_wrong_number_of_results_fails_the_batch():
     async def scenario():
         batcher = DynamicBatcher(lambda items: items[:-1], BatchingPolicy(2, 0.0, 4))

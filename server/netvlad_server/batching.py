@@ -95,8 +95,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         policy: BatchingPolicy,
         observer: BatchObserver | None = None,
         thread_name: str = "batcher",
+        on_stopped: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._run = run
+        self._on_stopped = on_stopped
         self.policy = policy
         self._observer = observer
         self._thread_name = thread_name
@@ -132,6 +134,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if not task.cancelled() and task.exception() is not None:
             log.critical("the batch scheduler stopped: %r; no batch will run again and every "
                          "submit is refused; restart the process", task.exception())
+            if self._on_stopped is not None:
+                self._on_stopped(task.exception())
 
     def submit(
         self, items: Sequence[tuple[Hashable, ItemT]], timeout: float | None = None

@@ -93,6 +93,7 @@ class NetVLADServer:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._batcher: DynamicBatcher[BatchItem, np.ndarray] | None = None
+        self._not_serving: asyncio.Future | None = None  # set if the batcher ever dies
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
 
     @property
@@ -128,12 +129,20 @@ class NetVLADServer:
         self.port = self._bind(server, security.credentials)
         await server.start()
         self._server = server
-        log.info("gRPC listening on %s:%d, %s (health NOT_SERVING until the model is loaded)",
+        log.info("gRPC listening on %s:%d, %s; health NOT_SERVING until the model is loaded",
                  config.host, self.port, security.summary)
         for note in security.notes:
             log.info("%s", note)
         for warning in security.warnings:
             log.warning("%s", warning)
+
+    def _batcher_stopped(self, error: BaseException) -> None:
+        """The scheduler died: report NOT_SERVING so probes restart the process (it cannot heal)."""
+        if self.health is not None:
+            health_service = self.health
+            self._not_serving = asyncio.ensure_future(asyncio.gather(*(
+                health_service.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+                for name in _HEALTH_NAMES)))
 
     def _bind(self, server: grpc.aio.Server,
               credentials: grpc.ServerCredentials | None = None) -> int:
@@ -170,7 +179,7 @@ class NetVLADServer:
                                 max_queue_delay=config.max_queue_delay_ms / 1000.0,
                                 max_queue_size=config.max_queue_size)
         self._batcher = DynamicBatcher(make_batch_runner(model), policy, observer=self.metrics,
-                                       thread_name="model")
+                                       thread_name="model", on_stopped=self._batcher_stopped)
         self._batcher.start()
         self.service.attach(model, self._batcher)
         self.metrics.set_model(model=d.model_name, precision=d.precision,
@@ -224,7 +233,7 @@ async def serve(config: ServerConfig, loader: ModelLoader = load_model) -> int:
     exc = loading.exception()
     if exc is not None:
         log.error("could not load the model: %s", exc,
-                  exc_info=not isinstance(exc, (ValueError, OSError)))
+                  exc_info=None if isinstance(exc, (ValueError, OSError)) else exc)
     else:
         log.info("signal received: shutting down")
     waiting.cancel()

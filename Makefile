@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 50051
 METRICS_PORT ?= 9090
 
-.PHONY: setup demo test test-all lint proto bench clean
+.PHONY: setup demo test test-all lint proto clean
 
 setup: $(VENV)/.installed
 

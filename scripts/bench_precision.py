@@ -30,7 +30,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from bench_network import cpu_model, median_seconds
+from bench_network import median_seconds
 from make_samples import street
 
 VARIANTS = ("float32", "bfloat16", "float16", "float32+xla", "bfloat16+xla")
@@ -165,6 +165,7 @@ def main() -> None:
     args = parse_args()
     import tensorflow as tf
     from netvlad_server.network import NetVLADNetwork
+    from netvlad_server.runtime import cpu_model
     from netvlad_server.weights import demo_weights
 
     height, width = (int(v) for v in args.size.split("x"))

@@ -45,7 +45,7 @@ from netvlad_client._proto import netvlad_pb2 as pb
 from netvlad_client._proto import netvlad_pb2_grpc as pb_grpc
 
 from netvlad_server.config import ConfigError, parse_sizes
-from netvlad_server.runtime import synthetic_scene
+from netvlad_server.runtime import cpu_model, synthetic_scene
 
 DESCRIBE = "/netvlad.v1.DescriptorService/DescribeImages"
 PHASES = ("load", "single", "memory", "baseline", "raw")
@@ -568,7 +568,7 @@ def run(settings: BenchSettings) -> dict[str, Any]:
         "settings": {k: sorted(v) if isinstance(v, frozenset) else v
                      for k, v in vars(settings).items()},
         "image_bytes": len(message.encoded) or len(message.raw.data),
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                     "load_average_before": os.getloadavg()}}
     skip = settings.skip
 
@@ -638,17 +638,6 @@ def _configure_raw_threads(settings: BenchSettings) -> None:
     from netvlad_server.runtime import configure_tensorflow
 
     configure_tensorflow(settings.intra_op_threads, settings.inter_op_threads)
-
-
-def _cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def report(results: dict[str, Any]) -> str:

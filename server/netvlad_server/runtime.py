@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,17 +42,27 @@ class Hardware:
     onednn: bool = True
 
 
-def read_cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
-    """The `flags` of the first processor listed in /proc/cpuinfo (empty when unreadable)."""
+def _cpuinfo_field(name: str, cpuinfo: str | os.PathLike) -> str | None:
+    """The value of the first `name : value` line of /proc/cpuinfo (None when unreadable)."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return frozenset()
+        return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+def read_cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
+    """The `flags` of the first processor listed in /proc/cpuinfo (empty when unreadable)."""
+    return frozenset((_cpuinfo_field("flags", cpuinfo) or "").split())
+
+
+def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU model name from /proc/cpuinfo, or the platform's processor string."""
+    return _cpuinfo_field("model name", cpuinfo) or platform.processor() or "unknown"
 
 
 def onednn_enabled(environ: Mapping[str, str] | None = None) -> bool:

@@ -21,7 +21,9 @@ _LAUNCH = "import sys; from netvlad_server.main import main; sys.exit(main(sys.a
 class ServerProcess:
     """`netvlad-server --model demo-tiny` on 127.0.0.1:port with /metrics on metrics_port."""
 
-    def __init__(self, port: int, metrics_port: int, log: Path, *extra: str):
+    def __init__(self, port: int, metrics_port: int, log: Path, *extra: str,
+                 as_module: bool = False):
+        """Later flags in `extra` win over the defaults; as_module: `python -m netvlad_server`."""
         self.port = port
         self.metrics_port = metrics_port
         self.target = f"127.0.0.1:{port}"
@@ -32,10 +34,10 @@ class ServerProcess:
             "--warmup-sizes", "32x32", "--precision", "float32", *extra,
         ]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+        launch = ["-m", "netvlad_server"] if as_module else ["-c", _LAUNCH]
         with open(log, "wb") as handle:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCH, *args], stdout=handle, stderr=subprocess.STDOUT,
-                env=env,
+                [sys.executable, *launch, *args], stdout=handle, stderr=subprocess.STDOUT, env=env,
             )
 
     def wait_serving(self, timeout: float = 180.0) -> ServerProcess:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -14,6 +11,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
+from client_support import ServerProcess
 from conftest import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -462,30 +460,15 @@ def test_hand_encoded_responses_equal_the_protobuf_library_bytes():
 
 
 def test_sigterm_drains_admitted_requests_and_exits_zero(tmp_path, network):
-    port, metrics_port = free_port(), free_port()
     log = tmp_path / "server.log"
-    args = [sys.executable, "-m", "netvlad_server", "--model", "demo-tiny", "--host", "127.0.0.1",
-            "--port", str(port), "--metrics-host", "127.0.0.1", "--metrics-port",
-            str(metrics_port), "--warmup-sizes", "", "--max-batch-size", "4",
-            "--max-queue-delay-ms", "20", "--max-queue-size", "256", "--max-images-per-request",
-            "8", "--precision", "float32"]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    server = ServerProcess(free_port(), free_port(), log, "--warmup-sizes", "",
+                           "--max-batch-size", "4", "--max-queue-delay-ms", "20",
+                           "--max-queue-size", "256", "--max-images-per-request", "8",
+                           as_module=True)
+    process, metrics_port = server.process, server.metrics_port
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-
-            def serving() -> bool:
-                assert process.poll() is None, log.read_text()
-                try:
-                    answer = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                          timeout=2)
-                except grpc.RpcError:
-                    return False
-                return answer.status == health_pb2.HealthCheckResponse.SERVING
-
-            wait_for(serving, timeout=180, what="the server to be SERVING")
+        server.wait_serving()
+        with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.DescriptorServiceStub(channel)
             batches = [[picture(384, 384) for _ in range(8)] for _ in range(12)]
             futures = [stub.DescribeImages.future(pb.DescribeImagesRequest(

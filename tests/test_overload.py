@@ -9,6 +9,7 @@ SIGTERM while callers keep sending.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import signal
 import subprocess
@@ -238,14 +239,18 @@ def queue_depth(server: ServerProcess) -> float:
 
 
 def _last_metrics_page(server: ServerProcess) -> str:
-    """/metrics read again and again until the draining server closes it; the last page."""
+    """/metrics read again and again until the draining server closes it; the last whole page.
+
+    The server may exit while a page is on the wire: that read ends in a refused connection, a
+    reset or a short body (http.client.IncompleteRead), and the page before it is the answer.
+    """
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     page = ""
     while True:
         try:
             with urllib.request.urlopen(url, timeout=5) as answer:
                 page = answer.read().decode()
-        except OSError:
+        except (OSError, http.client.HTTPException):
             return page
 
 

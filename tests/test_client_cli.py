@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -121,6 +122,56 @@ def test_format_flag_overrides_the_extension(server, tmp_path):
     assert run(server, "describe", str(path), "--out", str(out), "--format", "bin") == 0
     np.testing.assert_allclose(np.fromfile(out, "<f4"), reference(random_image(2)),
                                atol=ATOL, rtol=0)
+
+
+def test_without_out_json_goes_to_standard_output(server, folder, capsys):
+    directory, pixels = folder
+    names = sorted(pixels)
+    # `netvlad-client describe IMG...`: no --out needed to look at descriptors.
+    assert run(server, "describe", str(directory), "--batch-size", "1") == 0
+    captured = capsys.readouterr()
+    entries = json.loads(captured.out)
+    assert [entry["name"] for entry in entries] == names
+    got = np.array([entry["descriptor"] for entry in entries], dtype=np.float32)
+    np.testing.assert_allclose(got, np.stack([reference(pixels[n]) for n in names]),
+                               atol=ATOL, rtol=0)
+    assert f"wrote 9 x {got.shape[1]} descriptors to standard output (json)" in captured.err
+    assert run(server, "describe", names[0], "--out", "-", "--format", "csv") == 0
+    row = np.loadtxt(capsys.readouterr().out.splitlines(), delimiter=",", dtype=np.float32)
+    np.testing.assert_allclose(row, reference(pixels[names[0]]), atol=ATOL, rtol=0)
+
+
+def test_binary_formats_on_standard_output_only_into_a_pipe(server, folder, tmp_path, capsys,
+                                                           monkeypatch):
+    directory, pixels = folder
+    names = sorted(pixels)
+    command = [sys.executable, "-m", "netvlad_client.cli", "--target", server.target,
+               "describe", str(directory), "--format", "npy"]
+    done = subprocess.run(command, capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    got = np.load(io.BytesIO(done.stdout))
+    np.testing.assert_allclose(got, np.stack([reference(pixels[n]) for n in names]),
+                               atol=ATOL, rtol=0)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert run(server, "describe", names[0], "--format", "bin") == 1
+    one_line_error(capsys, "binary .bin to a terminal", "--out FILE")
+
+
+def test_a_reader_that_stops_early_is_no_error(server, folder):
+    directory, _ = folder
+    command = [sys.executable, "-m", "netvlad_client.cli", "--target", server.target,
+               "describe", str(directory), "--format", "csv"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # like `| head -0`: gone before the first descriptor is written
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err.decode()
+    assert b"Traceback" not in err and b"Broken pipe" not in err, err.decode()
+
+
+def test_resume_needs_an_output_file(server, folder, capsys):
+    directory, _ = folder
+    assert run(server, "describe", str(directory), "--resume") == 1
+    one_line_error(capsys, "--resume", "--out FILE")
 
 
 def test_dims_and_resize_options(server, tmp_path, capsys):

@@ -32,7 +32,14 @@ from netvlad_client.client import (
     describe_concurrently,
     resize_policy,
 )
-from netvlad_client.outputs import FORMATS, Checkpoint, output_format, write_descriptors
+from netvlad_client.outputs import (
+    BINARY_FORMATS,
+    FORMATS,
+    Checkpoint,
+    output_format,
+    write_descriptors,
+    write_stream,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -221,11 +228,26 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 
 
 def _describe_command(args: argparse.Namespace) -> int:
-    """`describe`: images and folders in, one (N, D) float32 file out in input order."""
-    out = Path(args.out)
-    fmt = output_format(out, args.format)
-    if not out.parent.is_dir():
-        raise NetVLADInputError(f"the output directory {out.parent} does not exist")
+    """`describe`: images and folders in, one (N, D) float32 file out in input order.
+
+    Without --out (or with --out -) the descriptors go to standard output: JSON lines by
+    default, or --format csv|npy|npz|bin for a pipe.
+    """
+    to_stdout = args.out in (None, "-")
+    if to_stdout:
+        if args.resume:
+            raise NetVLADInputError("--resume keeps its work next to the output file; pass "
+                                    "--out FILE with it")
+        fmt = args.format or "json"
+        if fmt in BINARY_FORMATS and sys.stdout.isatty():
+            raise NetVLADInputError(f"will not write binary .{fmt} to a terminal; pass --out "
+                                    "FILE or redirect standard output")
+        out = None
+    else:
+        out = Path(args.out)
+        fmt = output_format(out, args.format)
+        if not out.parent.is_dir():
+            raise NetVLADInputError(f"the output directory {out.parent} does not exist")
     names = [str(path) for path in image_files(args.images, recursive=args.recursive)]
     with client_from_args(args) as client:
         info = client.info()
@@ -234,8 +256,8 @@ def _describe_command(args: argparse.Namespace) -> int:
             raise NetVLADInputError(
                 f"--dims {dims} is more than the model's {info.output_dims} output dimensions"
             )
-        checkpoint = _checkpoint(args, out, info, dims)
-        if not args.resume:
+        checkpoint = _checkpoint(args, out, info, dims) if out is not None else None
+        if not args.resume and checkpoint is not None:
             if checkpoint.directory.exists():
                 print(f"note: {checkpoint.directory} holds work of an interrupted run; pass "
                       "--resume to reuse it", file=sys.stderr)
@@ -265,12 +287,28 @@ def _describe_command(args: argparse.Namespace) -> int:
         np.stack([done[name] for name in names]).astype(np.float32, copy=False)
         if names else np.empty((0, dims), dtype=np.float32)
     )
-    write_descriptors(out, fmt, descriptors, names)
+    if out is None:
+        _write_stdout(fmt, descriptors, names)
+        where = "standard output"
+    else:
+        write_descriptors(out, fmt, descriptors, names)
+        where = str(out)
     if checkpoint is not None:
         checkpoint.remove()
-    print(f"wrote {descriptors.shape[0]} x {descriptors.shape[1]} descriptors to {out} ({fmt})",
+    print(f"wrote {descriptors.shape[0]} x {descriptors.shape[1]} descriptors to {where} ({fmt})",
           file=sys.stderr)
     return 0
+
+
+def _write_stdout(fmt: str, descriptors: np.ndarray, names: Sequence[str]) -> None:
+    """Descriptors to standard output; a reader that stops early (`| head`) is no error."""
+    stream = sys.stdout.buffer
+    try:
+        write_stream(stream, fmt, descriptors, names)
+        stream.flush()
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit; point it elsewhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _describe_missing(
@@ -434,9 +472,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                     "files, sorted) and write an (N, D) float32 array in input order.",
     )
     describe.add_argument("images", nargs="+", metavar="IMG|DIR", help="image files and folders")
-    describe.add_argument("--out", "-o", required=True,
-                          help="output file: .npy .npz .csv .json or .bin")
-    describe.add_argument("--format", choices=FORMATS, help="output format (default: from --out)")
+    describe.add_argument("--out", "-o",
+                          help="output file: .npy .npz .csv .json or .bin (default, or '-': "
+                               "standard output)")
+    describe.add_argument("--format", choices=FORMATS,
+                          help="output format (default: from --out; json on standard output)")
     describe.add_argument("--dims", type=_positive_int,
                           help="keep the first N dimensions, re-normalised (default: all)")
     describe.add_argument("--resize", type=_resize_arg,

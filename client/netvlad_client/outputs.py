@@ -18,6 +18,7 @@ import numpy as np
 from netvlad_client.client import NetVLADInputError
 
 FORMATS = ("npy", "npz", "csv", "json", "bin")
+BINARY_FORMATS = ("npy", "npz", "bin")
 CHECKPOINT_VERSION = 1
 
 
@@ -99,6 +100,12 @@ def write_descriptors(path: Path, fmt: str, descriptors: np.ndarray, names: Sequ
     """Write descriptors (N, D) float32 in input order to path, atomically."""
     descriptors = np.asarray(descriptors, dtype=np.float32)
     atomic_write(path, lambda handle: _write(handle, fmt, descriptors, names))
+
+
+def write_stream(handle: BinaryIO, fmt: str, descriptors: np.ndarray,
+                 names: Sequence[str]) -> None:
+    """Write descriptors (N, D) float32 in input order to an open binary stream (e.g. a pipe)."""
+    _write(handle, fmt, np.asarray(descriptors, dtype=np.float32), names)
 
 
 class Checkpoint:

@@ -377,3 +377,115 @@ def test_a_token_is_compared_with_every_accepted_digest(monkeypatch):
 def test_client_refuses_a_token_grpc_cannot_carry():
     with pytest.raises(NetVLADInputError, match="printable ASCII"):
         NetVLADClient("127.0.0.1:1", token="tök-ü-1234567890123")
+
+
+def security_reloads(running, kind: str, result: str) -> float:
+    """netvlad_security_reloads_total{file, result} from the server's /metrics page."""
+    found = re.search(rf'^netvlad_security_reloads_total{{file="{kind}",result="{result}"}} (\S+)$',
+                      running.metrics_text(), flags=re.M)
+    return float(found[1]) if found else 0.0
+
+
+def replace_file(path, content: bytes) -> None:
+    """Put new content at path the way editors and Secret volumes do: a new file renamed in."""
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_bytes(content)
+    fresh.replace(path)
+
+
+def test_a_rotated_token_file_takes_effect_without_a_restart(tiny_model, tmp_path, caplog):
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{TOKENS[0]}\n")
+    config = tiny_config(free_port(), token_file=str(tokens))
+
+    def accepted(running, token: str) -> bool:
+        with NetVLADClient(running.target, token=token, retries=0, timeout=TIMEOUT) as client:
+            try:
+                client.info()
+                return True
+            except NetVLADRPCError as exc:
+                assert exc.code == UNAUTHENTICATED, exc
+                return False
+
+    with ServerThread(config, lambda _config: tiny_model) as running, \
+            caplog.at_level(logging.INFO, logger="netvlad_server"):
+        assert accepted(running, TOKENS[0]) and not accepted(running, TOKENS[1])
+        replace_file(tokens, f"# rotated\n{TOKENS[1]}\n".encode())
+        wait_for(lambda: accepted(running, TOKENS[1]), timeout=20, what="the new token")
+        assert not accepted(running, TOKENS[0])  # the old one is gone with the old file
+        assert security_reloads(running, "tokens", "ok") == 1
+        # A bad edit keeps the tokens read before rather than opening or locking the server.
+        replace_file(tokens, b"too-short\n")
+        wait_for(lambda: accepted(running, TOKENS[1])
+                 and security_reloads(running, "tokens", "error") == 1,
+                 timeout=20, what="the bad token file to be noticed")
+        tokens.unlink()
+        wait_for(lambda: accepted(running, TOKENS[1])
+                 and security_reloads(running, "tokens", "error") == 2,
+                 timeout=20, what="the missing token file to be noticed")
+        assert not accepted(running, TOKENS[0])
+    assert "1 bearer token(s) accepted now" in caplog.text
+    assert "line 1: a token must be at least 16" in caplog.text
+    assert "still accepting the 1 token(s) read before" in caplog.text
+    for secret in (*TOKENS, "too-short"):
+        assert secret not in caplog.text
+
+
+def test_a_renewed_certificate_reaches_new_connections_without_a_restart(pki, tiny_model,
+                                                                          tmp_path, caplog):
+    from pki import issue
+
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    replace_file(cert, pki.server.cert_path.read_bytes())
+    replace_file(key, pki.server.key_path.read_bytes())
+    config = tiny_config(free_port(), tls_cert=str(cert), tls_key=str(key))
+
+    def serving(ca) -> bool:
+        client = NetVLADClient(running.target, root_certificates=ca, retries=0, timeout=TIMEOUT)
+        with client:
+            try:
+                return client.health(timeout=5) == "SERVING"
+            except NetVLADUnavailableError:
+                return False
+
+    with ServerThread(config, lambda _config: tiny_model) as running, \
+            caplog.at_level(logging.INFO, logger="netvlad_server"):
+        assert serving(pki.ca.cert_path) and not serving(pki.other_ca.cert_path)
+        (tmp_path / "renewed").mkdir()
+        renewed = issue(pki.other_ca, tmp_path / "renewed", "server", "netvlad-server",
+                        ("localhost",), ("127.0.0.1",))
+        # Certificate first, key second: a client may connect between the two renames.
+        replace_file(cert, renewed.cert_path.read_bytes())
+        replace_file(key, renewed.key_path.read_bytes())
+        wait_for(lambda: serving(pki.other_ca.cert_path), timeout=20,
+                 what="new connections to get the renewed certificate")
+        assert not serving(pki.ca.cert_path)
+        assert security_reloads(running, "tls", "ok") >= 1
+        # A key that does not belong to the certificate: logged, the renewed pair stays in use.
+        replace_file(key, pki.client.key_path.read_bytes())
+        errors = security_reloads(running, "tls", "error")
+        wait_for(lambda: serving(pki.other_ca.cert_path)
+                 and security_reloads(running, "tls", "error") > errors,
+                 timeout=20, what="the mismatched key to be noticed")
+        assert serving(pki.other_ca.cert_path)
+    assert "new connections get the certificate in" in caplog.text
+    assert "new connections keep the certificate read before" in caplog.text
+
+
+def test_the_token_file_is_looked_at_no_more_than_once_per_interval(tmp_path):
+    from netvlad_server.security import TokenFile
+
+    path = tmp_path / "tokens.txt"
+    path.write_text(f"{TOKENS[0]}\n")
+    now = [100.0]
+    seen: list[tuple[str, str]] = []
+    tokens = TokenFile(str(path), lambda kind, result: seen.append((kind, result)),
+                       check_interval=1.0, clock=lambda: now[0])
+    replace_file(path, f"{TOKENS[1]}\n".encode())
+    now[0] = 100.9
+    assert tokens.digests() == (token_digest(TOKENS[0]),)  # too soon to look
+    now[0] = 101.0
+    assert tokens.digests() == (token_digest(TOKENS[1]),)
+    now[0] = 105.0
+    assert tokens.digests() == (token_digest(TOKENS[1]),) and seen == [("tokens", "ok")]
+    assert not tokens.refresh()  # unchanged: not read again

@@ -104,7 +104,8 @@ class NetVLADServer:
     async def start(self) -> None:
         """Listen for gRPC (health NOT_SERVING until load() ends) and serve /metrics."""
         config = self.config
-        security = load_security(config, self.metrics.auth_refused)
+        security = load_security(config, self.metrics.auth_refused,
+                                 self.metrics.security_reloaded)
         server = grpc.aio.server(interceptors=security.interceptors, options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

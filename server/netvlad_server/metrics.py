@@ -62,6 +62,10 @@ class ServerMetrics:
         self.auth_failures = Counter("netvlad_auth_failures", "Calls refused UNAUTHENTICATED, by "
                                      "reason (missing or invalid bearer token)", ["reason"],
                                      registry=reg)
+        self.security_reloads = Counter("netvlad_security_reloads", "Changed TLS or token files "
+                                        "re-read, by file kind and result (ok, or error: the "
+                                        "files read before stay in force)", ["file", "result"],
+                                        registry=reg)
 
     def request_done(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         """Count one finished RPC (or stream message) and its duration."""
@@ -71,6 +75,10 @@ class ServerMetrics:
     def auth_refused(self, reason: str) -> None:
         """Count one call refused for its bearer token ("missing" or "invalid")."""
         self.auth_failures.labels(reason).inc()
+
+    def security_reloaded(self, kind: str, result: str) -> None:
+        """Count one re-read of changed TLS ("tls") or token ("tokens") files."""
+        self.security_reloads.labels(kind, result).inc()
 
     def image_refused(self, reason: str) -> None:
         """Count one refused image under its reason code."""

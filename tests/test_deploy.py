@@ -394,6 +394,31 @@ def test_dockerfile_healthcheck_command_reports_a_real_server(servers):
     assert closed.returncode != 0
 
 
+def test_dockerfile_healthcheck_under_mutual_tls_with_the_client_environment(tiny_model,
+                                                                             tmp_path):
+    """The README's recipe: with TLS on, NETVLAD_CLIENT_TLS_* let the same HEALTHCHECK connect."""
+    from pki import make_pki
+    from server_thread import ServerThread, tiny_config
+
+    pki = make_pki(tmp_path / "pki")
+    config = tiny_config(free_port(), tls_cert=str(pki.server.cert_path),
+                         tls_key=str(pki.server.key_path), tls_client_ca=str(pki.ca.cert_path))
+    command = healthcheck_command()
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    with ServerThread(config, lambda _config: tiny_model) as running:
+        env = {**os.environ, "PATH": path, "NETVLAD_PORT": running.target.rsplit(":", 1)[1],
+               "NETVLAD_CLIENT_RETRIES": "0"}
+        plain = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert plain.returncode != 0  # a plaintext probe fails against TLS
+        env.update(NETVLAD_CLIENT_TLS_CA=str(pki.ca.cert_path),
+                   NETVLAD_CLIENT_TLS_CERT=str(pki.client.cert_path),
+                   NETVLAD_CLIENT_TLS_KEY=str(pki.client.key_path),
+                   NETVLAD_CLIENT_TLS_SERVER_NAME="localhost")
+        secure = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert secure.returncode == 0, secure.stdout + secure.stderr
+        assert secure.stdout.strip() == "SERVING"
+
+
 def prometheus_get(port: int, path: str, **params: str) -> dict:
     """GET a Prometheus HTTP API endpoint on loopback and return its decoded JSON."""
     query = f"?{urllib.parse.urlencode(params)}" if params else ""

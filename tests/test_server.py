@@ -494,3 +494,19 @@ def test_sigterm_drains_admitted_requests_and_exits_zero(tmp_path, network):
             process.wait()
     text = log.read_text()
     assert "draining" in text and "stopped" in text
+
+
+def test_a_second_server_on_a_busy_port_fails_instead_of_sharing_it(tiny_model):
+    # gRPC's default SO_REUSEPORT would let both listen and split the callers between them.
+    import subprocess
+    import sys
+
+    with ServerThread(tiny_config(0), lambda _config: tiny_model) as running:
+        port = running.target.rsplit(":", 1)[1]
+        second = subprocess.run(
+            [sys.executable, "-m", "netvlad_server", "--model", "demo-tiny", "--host",
+             "127.0.0.1", "--port", port, "--metrics-port", "0"],
+            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1, second.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
+    assert "is the port in use?" in second.stderr

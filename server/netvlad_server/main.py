@@ -107,6 +107,9 @@ class NetVLADServer:
         security = load_security(config, self.metrics.auth_refused,
                                  self.metrics.security_reloaded)
         server = grpc.aio.server(interceptors=security.interceptors, options=[
+            # gRPC sets SO_REUSEPORT by default: a second server on a busy port would then start
+            # and silently take half of the connections instead of failing.
+            ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ])

@@ -157,15 +157,46 @@ def test_binary_formats_on_standard_output_only_into_a_pipe(server, folder, tmp_
     one_line_error(capsys, "binary .bin to a terminal", "--out FILE")
 
 
-def test_a_reader_that_stops_early_is_no_error(server, folder):
+@pytest.mark.parametrize("fmt", ["json", "csv", "npy", "npz", "bin"])
+def test_a_reader_that_stops_early_is_no_error(server, folder, fmt):
     directory, _ = folder
     command = [sys.executable, "-m", "netvlad_client.cli", "--target", server.target,
-               "describe", str(directory), "--format", "csv"]
+               "describe", str(directory), "--format", fmt]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     child.stdout.close()  # like `| head -0`: gone before the first descriptor is written
     _, err = child.communicate(timeout=120)
-    assert child.returncode == 0, err.decode()
-    assert b"Traceback" not in err and b"Broken pipe" not in err, err.decode()
+    text = err.decode()
+    assert child.returncode == 0, text
+    assert "Traceback" not in text and "Broken pipe" not in text, text
+    # Never "wrote ...": the reader did not get everything, and the message says so.
+    assert text.strip().splitlines() == [
+        f"netvlad-client: standard output was closed by its reader before all 9 x 32 "
+        f"descriptors ({fmt}) were written"], text
+
+
+def test_npy_into_a_pipe_its_reader_closes_midway_is_reported_not_raised(monkeypatch):
+    # The reader takes the first bytes and goes (`| head -c 10`) while a large array is written.
+    import threading
+    import types
+
+    from netvlad_client import cli
+
+    read_end, write_end = os.pipe()
+
+    def reader() -> None:
+        os.read(read_end, 10)
+        os.close(read_end)
+
+    thread = threading.Thread(target=reader)
+    with open(write_end, "wb") as writer:  # its fd ends on /dev/null, where the close is quiet
+        monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(buffer=writer,
+                                                                 fileno=writer.fileno))
+        thread.start()
+        try:
+            rows = np.ones((256, 1024), np.float32)
+            assert cli._write_stdout("npy", rows, ["x"] * 256) is False
+        finally:
+            thread.join(10)
 
 
 def test_resume_needs_an_output_file(server, folder, capsys):

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 import numpy as np
 from google.protobuf import json_format
@@ -288,7 +288,11 @@ def _describe_command(args: argparse.Namespace) -> int:
         if names else np.empty((0, dims), dtype=np.float32)
     )
     if out is None:
-        _write_stdout(fmt, descriptors, names)
+        if not _write_stdout(fmt, descriptors, names):
+            print(f"netvlad-client: standard output was closed by its reader before all "
+                  f"{descriptors.shape[0]} x {descriptors.shape[1]} descriptors ({fmt}) were "
+                  "written", file=sys.stderr)
+            return 0
         where = "standard output"
     else:
         write_descriptors(out, fmt, descriptors, names)
@@ -300,15 +304,31 @@ def _describe_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_stdout(fmt: str, descriptors: np.ndarray, names: Sequence[str]) -> None:
-    """Descriptors to standard output; a reader that stops early (`| head`) is no error."""
+class _StreamWriter:
+    """write() and flush() only: NumPy then writes .npy through it rather than straight to the
+    file descriptor, so a closed pipe surfaces as BrokenPipeError, not a short-write OSError."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def write(self, data: bytes) -> int:
+        return self._stream.write(data)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def _write_stdout(fmt: str, descriptors: np.ndarray, names: Sequence[str]) -> bool:
+    """Descriptors to standard output; False when the reader stopped early (`| head`)."""
     stream = sys.stdout.buffer
     try:
-        write_stream(stream, fmt, descriptors, names)
+        write_stream(_StreamWriter(stream) if fmt == "npy" else stream, fmt, descriptors, names)
         stream.flush()
     except BrokenPipeError:
         # Python would report the pipe again when it flushes stdout at exit; point it elsewhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+    return True
 
 
 def _describe_missing(

@@ -21,7 +21,7 @@ from netvlad_client import (
     NetVLADUnavailableError,
     __version__,
 )
-from netvlad_client.client import plan_requests, resolve_target
+from netvlad_client.client import describe_concurrently, plan_requests, resolve_target
 
 # Batched and single-image forward passes may round differently in the last bits.
 ATOL = 1e-6
@@ -329,3 +329,40 @@ def test_token_travels_as_bearer_metadata(server):
         assert "s3cret" not in repr(client.config)
         # A server without authentication ignores the header.
         assert client.describe(random_image(42)).shape == (1, 32)
+
+
+def test_queue_safe_concurrency_keeps_requests_in_flight_within_the_queue():
+    from netvlad_client._proto import netvlad_pb2
+    from netvlad_client.client import queue_safe_concurrency
+
+    def info(queue: int) -> netvlad_pb2.ModelInfo:
+        return netvlad_pb2.ModelInfo(batching=netvlad_pb2.BatchingLimits(max_queue_size=queue))
+
+    assert queue_safe_concurrency(info(64), 2, 64) == 1  # 128 images would never fit in 64
+    assert queue_safe_concurrency(info(64), 8, 16) == 4
+    assert queue_safe_concurrency(info(64), 3, 16) == 3
+    assert queue_safe_concurrency(info(8), 4, 100) == 1  # always at least one request
+    assert queue_safe_concurrency(info(0), 5, 16) == 5  # a server that does not say: unchanged
+    assert queue_safe_concurrency(info(64), 0, 16) == 1
+
+
+def test_clients_never_overfill_a_small_queue_themselves(tiny_model, network):
+    """One client, nobody else: requests sent side by side must not be refused as overload."""
+    from server_thread import ServerThread, tiny_config
+
+    config = tiny_config(free_port(), max_queue_size=8, max_images_per_request=8,
+                         max_batch_size=1, max_queue_delay_ms=0.0)
+    images = [random_image(40 + i, 32, 32) for i in range(24)]
+    expected = network(np.stack(images))
+    with ServerThread(config, lambda _config: tiny_model) as running:
+        with NetVLADClient(running.target, retries=0) as client:
+            chunks = [images[i : i + 8] for i in range(0, 24, 8)]
+            got = dict(describe_concurrently(client, chunks, 3))
+            np.testing.assert_allclose(np.concatenate([got[i] for i in range(3)]), expected,
+                                       atol=1e-5)
+
+        async def async_run() -> np.ndarray:
+            async with AsyncNetVLADClient(running.target, retries=0) as client:
+                return await client.describe(images, batch_size=8, concurrency=3)
+
+        np.testing.assert_allclose(asyncio.run(async_run()), expected, atol=1e-5)

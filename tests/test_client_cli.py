@@ -199,6 +199,23 @@ def test_npy_into_a_pipe_its_reader_closes_midway_is_reported_not_raised(monkeyp
             thread.join(10)
 
 
+def test_concurrency_is_lowered_to_what_the_servers_queue_holds(tiny_model, folder, tmp_path,
+                                                                capsys):
+    from server_thread import ServerThread, tiny_config
+
+    directory, pixels = folder
+    config = tiny_config(free_port(), max_queue_size=8, max_images_per_request=8,
+                         max_batch_size=1, max_queue_delay_ms=0.0)
+    out = tmp_path / "d.npy"
+    with ServerThread(config, lambda _config: tiny_model) as running:
+        assert main(["--target", running.target, "--retries", "0", "describe", str(directory),
+                     "--out", str(out), "--batch-size", "4", "--concurrency", "4"]) == 0
+    assert ("note: 4 requests of 4 images would overfill the server's queue of 8; sending 2 at "
+            "a time") in capsys.readouterr().err
+    np.testing.assert_allclose(np.load(out), np.stack([reference(pixels[n])
+                                                       for n in sorted(pixels)]), atol=1e-5)
+
+
 def test_resume_needs_an_output_file(server, folder, capsys):
     directory, _ = folder
     assert run(server, "describe", str(directory), "--resume") == 1

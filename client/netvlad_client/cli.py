@@ -30,6 +30,7 @@ from netvlad_client.client import (
     NetVLADError,
     NetVLADInputError,
     describe_concurrently,
+    queue_safe_concurrency,
     resize_policy,
 )
 from netvlad_client.outputs import (
@@ -272,6 +273,13 @@ def _describe_command(args: argparse.Namespace) -> int:
             limits.max_batch_size or 16, limits.max_images_per_request or 1 << 30
         )
         todo = [name for name in unique if name not in done]
+        per_request = min(batch_size, limits.max_images_per_request or batch_size, len(todo) or 1)
+        concurrency = queue_safe_concurrency(info, args.concurrency, per_request)
+        if concurrency < args.concurrency:
+            print(f"note: {args.concurrency} requests of {per_request} images would overfill the "
+                  f"server's queue of {limits.max_queue_size}; sending {concurrency} at a time",
+                  file=sys.stderr)
+            args.concurrency = concurrency
         stopped = _describe_missing(client, args, todo, batch_size, dims, checkpoint, done)
         if stopped is not None:
             interrupted, message = stopped

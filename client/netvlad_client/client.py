@@ -761,13 +761,15 @@ class AsyncNetVLADClient:
     ) -> np.ndarray:
         """Describe images; returns (N, D) float32 in input order (see NetVLADClient.describe).
 
-        With `concurrency` > 1, up to that many requests are in flight at once.
+        With `concurrency` > 1, up to that many requests are in flight at once, fewer where
+        the server's queue could not hold them all (see queue_safe_concurrency).
         """
         info = self._info if self._info is not None else await self.info()
         plan = _Requests(images, info, self.config, dims, resize, batch_size)
         if not plan.images:
             return plan.empty()
-        gate = asyncio.Semaphore(max(1, concurrency))
+        largest = max(len(run) for run in plan.runs)
+        gate = asyncio.Semaphore(queue_safe_concurrency(info, concurrency, largest))
 
         async def one(run: range) -> np.ndarray:
             async with gate:
@@ -824,6 +826,20 @@ class AsyncNetVLADClient:
 
 
 
+def queue_safe_concurrency(info: netvlad_pb2.ModelInfo, concurrency: int,
+                           images_per_request: int) -> int:
+    """`concurrency` lowered so that the requests in flight fit the server's queue (at least 1).
+
+    The server refuses a request its queue cannot take whole (RESOURCE_EXHAUSTED), so a client
+    that sends more images at once than the queue holds would overload an otherwise idle server.
+    """
+    queue = info.batching.max_queue_size
+    concurrency = max(1, concurrency)
+    if not queue or images_per_request < 1:
+        return concurrency
+    return max(1, min(concurrency, queue // images_per_request))
+
+
 def describe_concurrently(
     client: NetVLADClient,
     chunks: Sequence[Sequence[ImageInput]],
@@ -834,8 +850,15 @@ def describe_concurrently(
 
     Results come as they finish, not in order: the caller places them by index. After the
     first failure no further chunk starts, the chunks already in flight are still yielded, and
-    then the failure is raised. `options` go to `NetVLADClient.describe`.
+    then the failure is raised. `options` go to `NetVLADClient.describe`. `concurrency` is
+    lowered where the server's queue could not hold that many requests at once.
     """
+    if chunks:
+        info = client._limits()
+        per_request = max(len(chunk) for chunk in chunks)
+        for limit in (info.batching.max_images_per_request, options.get("batch_size")):
+            per_request = min(per_request, limit or per_request)
+        concurrency = queue_safe_concurrency(info, concurrency, per_request)
     pool = futures.ThreadPoolExecutor(max_workers=max(1, concurrency))
     pending = {pool.submit(client.describe, chunk, **options): i for i, chunk in enumerate(chunks)}
     failure: BaseException | None = None

@@ -473,6 +473,16 @@ def test_inspect_lists_all_tensors(files, kind, capsys):
     assert "clusters K:           4" in out
 
 
+def test_inspect_into_a_pipe_closed_early_is_no_error():
+    # `netvlad-models inspect X | head`: the reader leaves before the table is written.
+    child = subprocess.Popen([sys.executable, "-m", "netvlad_server.models_cli", "inspect",
+                              "demo-tiny"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err.decode()
+    assert err.decode().strip() == ""
+
+
 def test_inspect_reports_bad_file(tmp_path, capsys):
     assert models_main(["inspect", str(tmp_path / "absent")]) == 1
     assert "error: " in capsys.readouterr().err

@@ -38,6 +38,7 @@ from netvlad_client.outputs import (
     FORMATS,
     Checkpoint,
     output_format,
+    silence_closed_stdout,
     write_descriptors,
     write_stream,
 )
@@ -333,8 +334,7 @@ def _write_stdout(fmt: str, descriptors: np.ndarray, names: Sequence[str]) -> bo
         write_stream(_StreamWriter(stream) if fmt == "npy" else stream, fmt, descriptors, names)
         stream.flush()
     except BrokenPipeError:
-        # Python would report the pipe again when it flushes stdout at exit; point it elsewhere.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence_closed_stdout()
         return False
     return True
 

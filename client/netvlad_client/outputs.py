@@ -108,6 +108,18 @@ def write_stream(handle: BinaryIO, fmt: str, descriptors: np.ndarray,
     _write(handle, fmt, np.asarray(descriptors, dtype=np.float32), names)
 
 
+def silence_closed_stdout() -> None:
+    """After a reader closed our standard output (`| head`): point it at /dev/null, so Python's
+    flush at exit does not report the broken pipe a second time."""
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
 class Checkpoint:
     """Finished chunks of a resumable run, kept in a directory next to the output.
 

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from netvlad_client.outputs import silence_closed_stdout
+
 from netvlad_server.weights import (
     SCOPE,
     TENSOR_NAMES,
@@ -130,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours
+        silence_closed_stdout()
+        return 0
     except (WeightsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -324,6 +324,25 @@ def test_target_from_the_environment(server, tmp_path, monkeypatch):
     assert main(["describe", str(path), "--out", str(tmp_path / "d.npy")]) == 0
 
 
+def test_a_bad_environment_value_is_blamed_on_the_variable(server, monkeypatch, capsys):
+    monkeypatch.setenv("NETVLAD_CLIENT_TIMEOUT", "abc")
+    monkeypatch.setenv("NETVLAD_CLIENT_RETRIES", "2")
+    with pytest.raises(SystemExit) as caught:
+        run(server, "info")
+    assert caught.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage lines
+    assert error == ("netvlad-client: error: environment variable NETVLAD_CLIENT_TIMEOUT='abc': "
+                     "could not convert string to float: 'abc'")
+    assert run(server, "--timeout", "30", "info") == 0  # a flag overrides the variable
+    monkeypatch.setenv("NETVLAD_CLIENT_TIMEOUT", "12.5")
+    from netvlad_client.cli import build_parser, resolve_env_defaults
+
+    parser = build_parser()[0]
+    args = parser.parse_args(["info"])
+    resolve_env_defaults(parser, args)
+    assert (args.timeout, args.retries) == (12.5, 2)
+
+
 def test_progress_bar(server, folder, tmp_path, capsys):
     directory, pixels = folder
     out = str(tmp_path / "d.npy")

@@ -581,7 +581,9 @@ def test_cli_environment_fallbacks(tmp_path, capsys, monkeypatch):
     assert build_parser()[0].parse_args(["info"]).command == "info"
     with pytest.raises(SystemExit):
         cli_main(args)
-    assert "--radius: invalid float value: 'five'" in capsys.readouterr().err
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage lines
+    assert "environment variable NETVLAD_EVAL_RADIUS='five'" in error and "--radius" not in error
+    assert cli_main([*args, "--radius", "5", "--no-plots"]) == 0  # the flag overrides it
 
 
 def test_evaluation_modules_import_neither_tensorflow_nor_matplotlib():

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
@@ -55,6 +55,33 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name) or default
 
 
+class EnvDefault:
+    """A flag's default taken from an environment variable and converted only after parsing
+    (resolve_env_defaults), so that a bad value is blamed on the variable, not on the flag."""
+
+    def __init__(self, name: str, text: str, convert: Callable[[str], object]) -> None:
+        self.name, self.text, self.convert = name, text, convert
+
+    def __str__(self) -> str:  # what %(default)s shows in --help
+        return self.text
+
+
+def env_default(name: str, convert: Callable[[str], object], default: object) -> object:
+    """The default of a typed flag: NAME's value (checked later) when set, else `default`."""
+    text = os.environ.get(name)
+    return EnvDefault(name, text, convert) if text else default
+
+
+def resolve_env_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Convert the environment defaults no flag overrode; a bad one ends like a bad flag."""
+    for key, value in vars(args).items():
+        if isinstance(value, EnvDefault):
+            try:
+                setattr(args, key, value.convert(value.text))
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"environment variable {value.name}={value.text!r}: {exc}")
+
+
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
     """Server address, timeout, retries, TLS and token flags (with NETVLAD_* fallbacks)."""
     group = parser.add_argument_group("connection")
@@ -64,11 +91,13 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
              f"(env NETVLAD_TARGET, default {DEFAULT_TARGET})",
     )
     group.add_argument(
-        "--timeout", type=float, default=_env("NETVLAD_CLIENT_TIMEOUT", str(DEFAULT_TIMEOUT)),
+        "--timeout", type=float,
+        default=env_default("NETVLAD_CLIENT_TIMEOUT", float, DEFAULT_TIMEOUT),
         help="deadline of each call in seconds (env NETVLAD_CLIENT_TIMEOUT, default %(default)s)",
     )
     group.add_argument(
-        "--retries", type=int, default=_env("NETVLAD_CLIENT_RETRIES", str(DEFAULT_RETRIES)),
+        "--retries", type=int,
+        default=env_default("NETVLAD_CLIENT_RETRIES", int, DEFAULT_RETRIES),
         help="retries of a call that fails with UNAVAILABLE, with exponential backoff "
              "(env NETVLAD_CLIENT_RETRIES, default %(default)s)",
     )
@@ -544,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `netvlad-client`; returns the exit status."""
     parser, _ = build_parser()
     args = parser.parse_args(argv)
+    resolve_env_defaults(parser, args)
     try:
         return args.func(args)
     except NetVLADError as exc:

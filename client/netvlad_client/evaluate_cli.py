@@ -18,7 +18,14 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from netvlad_client.cli import EXIT_ERROR, Progress, _positive_int, client_config, image_files
+from netvlad_client.cli import (
+    EXIT_ERROR,
+    Progress,
+    _positive_int,
+    client_config,
+    env_default,
+    image_files,
+)
 from netvlad_client.client import ClientConfig, NetVLADClient, describe_concurrently
 from netvlad_client.evaluation import (
     DEFAULT_DIMS,
@@ -82,12 +89,12 @@ def _dims(text: str) -> int | None:
 def _env_option(
     group: Any, name: str, convert: Any, default: object, metavar: str, help_text: str
 ) -> None:
-    """Add --NAME whose default is NETVLAD_EVAL_NAME or `default`, converted when it is used."""
+    """Add --NAME whose default is NETVLAD_EVAL_NAME (checked after parsing) or `default`."""
     env = f"NETVLAD_EVAL_{name.upper()}"
     group.add_argument(
         f"--{name}",
         type=convert,
-        default=_env(name.upper(), str(default)),
+        default=env_default(env, convert, convert(str(default))),
         metavar=metavar,
         help=f"{help_text} (default {default}, env {env})",
     )

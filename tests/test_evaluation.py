@@ -550,6 +550,32 @@ def test_cli_count_mismatches_name_both_files(tmp_path, capsys):
     assert "do not split into 447 descriptors" in capsys.readouterr().err
 
 
+def test_cli_dims_above_the_descriptors_names_the_flag(tmp_path, capsys):
+    paths = synthetic_run(tmp_path)  # 64-D descriptors; the command line's default is 128
+    args = ["evaluate", "--poses", str(paths["poses"]), "--descriptors", str(paths["good"])]
+    assert cli_main([*args, "--no-plots", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"netvlad-client evaluate: error: --dims 128 asks for more dimensions than "
+                   f"the 64 of --descriptors {paths['good']}; pass --dims 64 or --dims all")
+
+
+def test_cli_without_matplotlib_stops_before_any_work_and_names_no_plots(tmp_path):
+    paths = synthetic_run(tmp_path)
+    code = ("import sys; sys.modules['matplotlib'] = None; "  # as if it were not installed
+            "from netvlad_client.cli import main; sys.exit(main(sys.argv[1:]))")
+    args = ["evaluate", "--poses", str(paths["poses"]), "--descriptors", str(paths["good"]),
+            "--dims", "all", "--out", str(tmp_path / "o")]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert "pass --no-plots" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == "" and not (tmp_path / "o").exists()  # refused before evaluating
+    done = subprocess.run([sys.executable, "-c", code, *args, "--no-plots"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "o" / "summary.json").exists()
+
+
 def test_cli_needs_images_or_descriptors(tmp_path, capsys):
     poses = write_kitti_poses(tmp_path / "00.txt", loop_positions(5, 2))
     assert cli_main(["evaluate", "--poses", str(poses), "--out", str(tmp_path / "o")]) == 1
@@ -619,6 +645,10 @@ def test_end_to_end_through_a_real_server(tiny_server_process, tmp_path, capsys)
     poses = write_kitti_poses(tmp_path / "00.txt", loop_positions(places, laps, 600.0))
     out = tmp_path / "out"
     args = ["evaluate", "--images", str(tmp_path / "seq"), "--poses", str(poses)]
+    # The command line's default --dims 128 is refused from the server's info, before describing.
+    assert cli_main(["--target", tiny_server_process.target, *args, "--out", str(out)]) == 1
+    assert ("--dims 128 asks for more dimensions than the 32 of the server's model"
+            in capsys.readouterr().err) and not out.exists()
     args += ["--dims", "32", "--suppression", "5", "--out", str(out)]
 
     assert cli_main(["--target", tiny_server_process.target, *args]) == 0

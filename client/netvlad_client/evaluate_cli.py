@@ -309,6 +309,29 @@ def _positions_name(config: EvaluateConfig) -> str:
     return f"{flag} {config.positions}"
 
 
+def _check_dims(config: EvaluateConfig, available: int, source: str) -> None:
+    """--dims must not ask for more dimensions than the descriptors have."""
+    dims = config.settings.dims
+    if dims is not None and dims > available:
+        raise EvaluationError(
+            f"--dims {dims} asks for more dimensions than the {available} of {source}; pass "
+            f"--dims {available} or --dims all"
+        )
+
+
+def _check_plotting(config: EvaluateConfig) -> None:
+    """Refuse at once, not after describing a whole sequence, when the figures cannot be drawn."""
+    if not config.plots:
+        return
+    try:
+        import matplotlib  # noqa: F401  (drawn with later; only its presence is checked here)
+    except ImportError:
+        raise EvaluationError(
+            "the figures need matplotlib, which is not installed: pip install "
+            "'netvlad-service[plot]', or pass --no-plots to write only summary.json"
+        ) from None
+
+
 def _load_main(
     config: EvaluateConfig, positions: np.ndarray, stderr: TextIO
 ) -> tuple[np.ndarray, str, str | None]:
@@ -331,11 +354,14 @@ def _load_main(
                 (f"--images {config.images}", len(images)),
                 (f"--descriptors {config.descriptors}", len(loaded.values)),
             )
+        _check_dims(config, loaded.values.shape[-1], f"--descriptors {config.descriptors}")
         return loaded.values, config.label or config.descriptors.stem, None
     assert config.client is not None  # config_from_args builds it when describing
-    print(f"describing {len(images)} images through {config.client.target}", file=stderr)
     enabled = config.progress == "always" or (config.progress == "auto" and stderr.isatty())
     with NetVLADClient.from_config(config.client) as client:
+        # Before describing anything: a wrong --dims would otherwise show only at the end.
+        _check_dims(config, client.info().output_dims, "the server's model")
+        print(f"describing {len(images)} images through {config.client.target}", file=stderr)
         values = describe_images(
             client,
             images,
@@ -409,6 +435,7 @@ def execute(
     """Run one evaluation end to end; returns the JSON summary it also writes."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
+    _check_plotting(config)
     positions = _load_positions(config)
     descriptors, label, saved = _load_main(config, positions, stderr)
     curves = [(label, evaluate(descriptors, positions, config.settings))]

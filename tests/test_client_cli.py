@@ -116,12 +116,18 @@ def test_every_output_format_reads_back(server, folder, tmp_path):
     np.testing.assert_array_equal(raw.reshape((d, n), order="F").T, npy)
 
 
-def test_format_flag_overrides_the_extension(server, tmp_path):
+def test_format_flag_overrides_the_extension(server, tmp_path, capsys):
     path = write_png(tmp_path / "a.png", random_image(2))
     out = tmp_path / "descriptors.dat"
     assert run(server, "describe", str(path), "--out", str(out), "--format", "bin") == 0
     np.testing.assert_allclose(np.fromfile(out, "<f4"), reference(random_image(2)),
                                atol=ATOL, rtol=0)
+    assert "note:" not in capsys.readouterr().err  # .dat says nothing about the format
+    misleading = tmp_path / "descriptors.npy"
+    assert run(server, "describe", str(path), "--out", str(misleading), "--format", "csv") == 0
+    assert f"note: writing csv (--format) into {misleading}, whose name says npy" in \
+        capsys.readouterr().err
+    assert np.loadtxt(misleading, delimiter=",").shape == (32,)
 
 
 def test_without_out_json_goes_to_standard_output(server, folder, capsys):

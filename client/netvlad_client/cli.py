@@ -277,6 +277,10 @@ def _describe_command(args: argparse.Namespace) -> int:
     else:
         out = Path(args.out)
         fmt = output_format(out, args.format)
+        named = out.suffix.lower().lstrip(".")
+        if named in FORMATS and named != fmt:
+            print(f"note: writing {fmt} (--format) into {out}, whose name says {named}",
+                  file=sys.stderr)
         if not out.parent.is_dir():
             raise NetVLADInputError(f"the output directory {out.parent} does not exist")
     names = [str(path) for path in image_files(args.images, recursive=args.recursive)]

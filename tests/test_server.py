@@ -292,6 +292,76 @@ def test_a_full_queue_answers_resource_exhausted_at_once(tiny_model, network):
                                    atol=1e-6)
 
 
+def test_a_full_queue_is_marked_busy_and_clients_retry_until_it_drains(tiny_model, network):
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from netvlad_client import AsyncNetVLADClient, NetVLADClient, NetVLADRPCError
+
+    model, running = _held_server(tiny_model, max_queue_size=4, max_images_per_request=4)
+    image = picture(16, 16)
+    with running, open_stub(running)[0] as channel:
+        stub = pb_grpc.DescriptorServiceStub(channel)
+        busy = _occupy_model(model, stub)
+        queued = stub.DescribeImages.future(pb.DescribeImagesRequest(
+            images=[raw(picture(16, 16)) for _ in range(4)]), timeout=TIMEOUT)
+        wait_for(lambda: running.server.queue_depth == 4, what="a full queue")
+        error = rpc_error(stub.DescribeImages, pb.DescribeImagesRequest(images=[raw(image)]),
+                          timeout=TIMEOUT)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ("netvlad-busy", "queue-full") in tuple(error.trailing_metadata())
+        with NetVLADClient(running.target, retries=0) as impatient, \
+                pytest.raises(NetVLADRPCError) as caught:
+            impatient.describe(image)
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def refusals() -> float:
+            return sum(sample.value for sample in metric_samples(running)["netvlad_requests_total"]
+                       if sample.labels["code"] == "RESOURCE_EXHAUSTED")
+
+        async def async_describe() -> np.ndarray:
+            async with AsyncNetVLADClient(running.target, retries=20, backoff=0.05,
+                                          max_backoff=0.2) as client:
+                return await client.describe(image)
+
+        before = refusals()
+        patient = NetVLADClient(running.target, retries=20, backoff=0.05, max_backoff=0.2)
+        with patient, ThreadPoolExecutor(2) as pool:
+            sync_result = pool.submit(patient.describe, image)
+            async_result = pool.submit(asyncio.run, async_describe())
+            # Both are turned away, and keep coming back, while the queue stays full ...
+            wait_for(lambda: refusals() >= before + 4, what="the clients to retry")
+            assert not sync_result.done() and not async_result.done()
+            model.gate.set()  # ... until it drains; then they are answered.
+            for result in (sync_result, async_result):
+                np.testing.assert_allclose(result.result(TIMEOUT), network(image[None]),
+                                           atol=1e-6)
+        busy.result()
+        queued.result()
+
+
+def test_only_unavailable_and_a_full_queue_are_retried():
+    from netvlad_client.client import _retryable
+
+    class Failure(grpc.RpcError):
+        def __init__(self, code, trailers=()):
+            self._code, self._trailers = code, trailers
+
+        def code(self):
+            return self._code
+
+        def trailing_metadata(self):
+            return self._trailers
+
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _retryable(Failure(grpc.StatusCode.UNAVAILABLE))
+    assert _retryable(Failure(exhausted, (("netvlad-busy", "queue-full"),)))
+    assert not _retryable(Failure(exhausted))  # an oversized message: retrying cannot help
+    for code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED,
+                 grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAUTHENTICATED):
+        assert not _retryable(Failure(code, (("netvlad-busy", "queue-full"),)))
+
+
 def test_a_failing_model_call_fails_only_its_batch_with_internal(tiny_model, network):
     model = InstrumentedModel(tiny_model, fail_height=40)
     with ServerThread(tiny_config(free_port()), model.loader) as running:

@@ -98,7 +98,8 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--retries", type=int,
         default=env_default("NETVLAD_CLIENT_RETRIES", int, DEFAULT_RETRIES),
-        help="retries of a call that fails with UNAVAILABLE, with exponential backoff "
+        help="retries of a call that fails with UNAVAILABLE or finds the server's queue full, "
+             "with exponential backoff "
              "(env NETVLAD_CLIENT_RETRIES, default %(default)s)",
     )
     group.add_argument(

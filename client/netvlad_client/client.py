@@ -410,6 +410,21 @@ def _status_code(number: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+BUSY_TRAILER = "netvlad-busy"  # the server's mark on RESOURCE_EXHAUSTED for a full queue
+
+
+def _retryable(exc: grpc.RpcError) -> bool:
+    """UNAVAILABLE (no server, or one shutting down) and a full queue pass if tried again
+    later; gRPC's own RESOURCE_EXHAUSTED for an oversized message, like every other error,
+    would only fail again."""
+    code = exc.code() if hasattr(exc, "code") else None
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED or not hasattr(exc, "trailing_metadata"):
+        return False
+    return any(key == BUSY_TRAILER for key, _ in exc.trailing_metadata() or ())
+
+
 def _rpc_error(
     method: str, exc: grpc.RpcError, config: ClientConfig, attempts: int
 ) -> NetVLADError:
@@ -484,8 +499,9 @@ class NetVLADClient:
 
     `target` is "host:port", "ip:port,ip:port", a list of IP addresses, or any gRPC target such
     as `dns:///name:port`; calls are spread round-robin over every address it resolves to.
-    Calls that fail with UNAVAILABLE (and only those) are retried `retries` times with
-    exponential backoff; `timeout` is the deadline of each attempt in seconds.
+    Calls that fail with UNAVAILABLE, or with RESOURCE_EXHAUSTED because the server's queue is
+    full (marked by the `netvlad-busy` trailer), are retried `retries` times with exponential
+    backoff; nothing else is. `timeout` is the deadline of each attempt in seconds.
     """
 
     def __init__(
@@ -544,7 +560,7 @@ class NetVLADClient:
         self._channel.close()
 
     def _call(self, method: str, call: Any, request: Any, timeout: float | None) -> Any:
-        """Make one unary call, retrying on UNAVAILABLE with backoff; map errors."""
+        """Make one unary call, retrying (with backoff) what a retry can fix; map errors."""
         delays = self.config.retry_delays()
         attempts = 0
         while True:
@@ -556,7 +572,7 @@ class NetVLADClient:
                     metadata=self.config.metadata(),
                 )
             except grpc.RpcError as exc:
-                delay = next(delays, None) if exc.code() == grpc.StatusCode.UNAVAILABLE else None
+                delay = next(delays, None) if _retryable(exc) else None
                 if delay is None:
                     raise _rpc_error(method, exc, self.config, attempts) from None
                 time.sleep(delay)
@@ -711,7 +727,7 @@ class AsyncNetVLADClient:
         return self._stub
 
     async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        """Make one unary call, retrying on UNAVAILABLE with backoff; map errors."""
+        """Make one unary call, retrying (with backoff) what a retry can fix; map errors."""
         delays = self.config.retry_delays()
         attempts = 0
         while True:
@@ -723,7 +739,7 @@ class AsyncNetVLADClient:
                     metadata=self.config.metadata(),
                 )
             except grpc.RpcError as exc:
-                delay = next(delays, None) if exc.code() == grpc.StatusCode.UNAVAILABLE else None
+                delay = next(delays, None) if _retryable(exc) else None
                 if delay is None:
                     raise _rpc_error(method, exc, self.config, attempts) from None
                 await asyncio.sleep(delay)

@@ -68,13 +68,20 @@ class LoadedModel:
     description: ModelDescription
 
 
+# Trailing metadata on a RESOURCE_EXHAUSTED that means "queue full, try again shortly", telling
+# it apart from gRPC's own RESOURCE_EXHAUSTED for an oversized message (which a retry won't fix).
+BUSY_TRAILER = ("netvlad-busy", "queue-full")
+
+
 class RequestError(Exception):
     """A request answered with a non-OK gRPC status and a message for the caller."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 trailers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.trailers = trailers
 
 
 def make_batch_runner(model: LoadedModel) -> Callable[[list[BatchItem]], list[np.ndarray]]:
@@ -234,7 +241,7 @@ class DescriptorService(pb_grpc.DescriptorServiceServicer):
             return await self._guarded(request, context.time_remaining())
         except RequestError as exc:
             code = exc.code
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, exc.trailers)
         except asyncio.CancelledError:
             code = _cancel_code(context)
             raise
@@ -348,7 +355,8 @@ class DescriptorService(pb_grpc.DescriptorServiceServicer):
             futures = batcher.submit([(image.shape, (image, dims)) for image in images], timeout)
         except QueueFullError as exc:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"server busy: {exc} (--max-queue-size)") from None
+                               f"server busy: {exc} (--max-queue-size)",
+                               (BUSY_TRAILER,)) from None
         except BatcherClosedError:
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
                                "the server is shutting down; retry on another replica") from None

@@ -286,6 +286,54 @@ def test_server_refusal_is_one_line_with_the_file(server, folder, tmp_path, caps
     (directory / "100.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     assert run(server, "describe", str(directory), "--out", str(tmp_path / "d.npy")) == 1
     one_line_error(capsys, "INVALID_ARGUMENT", str(directory / "100.png"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seq"]  # no output, no temporary file
+
+
+def test_rows_go_to_a_file_not_to_memory_and_nothing_is_left_behind(server, folder, tmp_path):
+    directory, pixels = folder
+    names = sorted(pixels)
+    expected = np.stack([reference(pixels[name]) for name in names])
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    for fmt in ("npy", "bin", "csv", "npz"):
+        out = outputs / f"d.{fmt}"
+        assert run(server, "describe", str(directory), "--out", str(out), "--batch-size", "2",
+                   "--concurrency", "3") == 0
+    assert sorted(p.name for p in outputs.iterdir()) == ["d.bin", "d.csv", "d.npy", "d.npz"]
+    np.testing.assert_allclose(np.load(outputs / "d.npy"), expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.fromfile(outputs / "d.bin", "<f4").reshape(expected.shape),
+                               expected, atol=ATOL, rtol=0)
+    # A file named twice gets its row twice (the rows are then gathered, not written in place).
+    twice = outputs / "twice.npy"
+    assert run(server, "describe", names[1], names[0], names[1], "--out", str(twice)) == 0
+    np.testing.assert_allclose(np.load(twice), expected[[1, 0, 1]], atol=ATOL, rtol=0)
+
+
+def test_row_file_fills_the_output_in_place_in_any_order(tmp_path):
+    from netvlad_client.outputs import RowFile
+
+    values = np.arange(12, dtype=np.float32).reshape(4, 3)
+    names = ["a", "b", "c", "d"]
+    for fmt in ("npy", "bin"):
+        out = tmp_path / f"rows.{fmt}"
+        rows = RowFile(names, 3, out, fmt)
+        assert rows.in_place and rows.path.name == f".rows.{fmt}.tmp-{os.getpid()}"
+        assert isinstance(rows.rows, np.memmap)  # on disk, not in RAM
+        rows.put(["d", "b"], values[[3, 1]])
+        rows.put(["a", "c"], values[[0, 2]])
+        assert rows.count() == 4 and not out.exists()
+        rows.finish(out)
+        rows.discard()  # after finish: leaves the output alone
+        got = np.load(out) if fmt == "npy" else np.fromfile(out, "<f4").reshape(4, 3)
+        np.testing.assert_array_equal(got, values)
+    scratch = RowFile(names, 3, tmp_path / "rows.json", "json")
+    assert not scratch.in_place and scratch.path.parent == tmp_path
+    scratch.put(names, values)
+    scratch.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.bin", "rows.npy"]
+    empty = RowFile([], 3, tmp_path / "empty.npy", "npy")
+    empty.finish(tmp_path / "empty.npy")
+    assert np.load(tmp_path / "empty.npy").shape == (0, 3)
 
 
 def test_connection_option_errors_are_one_line(server, tmp_path, capsys):

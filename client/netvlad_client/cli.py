@@ -37,6 +37,7 @@ from netvlad_client.outputs import (
     BINARY_FORMATS,
     FORMATS,
     Checkpoint,
+    RowFile,
     output_format,
     silence_closed_stdout,
     write_descriptors,
@@ -298,52 +299,82 @@ def _describe_command(args: argparse.Namespace) -> int:
                 print(f"note: {checkpoint.directory} holds work of an interrupted run; pass "
                       "--resume to reuse it", file=sys.stderr)
             checkpoint = None
-        done = checkpoint.open() if checkpoint is not None else {}
         unique = list(dict.fromkeys(names))
-        if done:
-            print(f"resuming: {sum(name in done for name in unique)} of {len(unique)} images "
-                  f"already described in {checkpoint.directory}", file=sys.stderr)
-        limits = info.batching
-        batch_size = args.batch_size or min(
-            limits.max_batch_size or 16, limits.max_images_per_request or 1 << 30
-        )
-        todo = [name for name in unique if name not in done]
-        per_request = min(batch_size, limits.max_images_per_request or batch_size, len(todo) or 1)
-        concurrency = queue_safe_concurrency(info, args.concurrency, per_request)
-        if concurrency < args.concurrency:
-            print(f"note: {args.concurrency} requests of {per_request} images would overfill the "
-                  f"server's queue of {limits.max_queue_size}; sending {concurrency} at a time",
-                  file=sys.stderr)
-            args.concurrency = concurrency
-        stopped = _describe_missing(client, args, todo, batch_size, dims, checkpoint, done)
-        if stopped is not None:
-            interrupted, message = stopped
-            if checkpoint is not None:
-                message += (f"; {sum(name in done for name in unique)} of {len(unique)} images "
-                            f"are saved in {checkpoint.directory}, run the same command again "
-                            "to finish")
-            elif len(todo) > batch_size:
-                message += "; pass --resume to keep finished work across runs"
-            print(f"netvlad-client: {message}", file=sys.stderr)
-            return EXIT_INTERRUPTED if interrupted else EXIT_ERROR
-    descriptors = (
-        np.stack([done[name] for name in names]).astype(np.float32, copy=False)
-        if names else np.empty((0, dims), dtype=np.float32)
+        # Rows go straight into the output file when it is .npy/.bin and every name is distinct.
+        rows = RowFile(unique, dims, out, fmt if len(unique) == len(names) else "scratch")
+        try:
+            stopped = _describe_all(client, args, info, rows, checkpoint)
+            if stopped is not None:
+                return stopped
+            return _write_output(rows, names, out, fmt, checkpoint)
+        finally:
+            rows.discard()
+
+
+def _describe_all(client: NetVLADClient, args: argparse.Namespace, info: netvlad_pb2.ModelInfo,
+                  rows: RowFile, checkpoint: Checkpoint | None) -> int | None:
+    """Fill `rows`: from the checkpoint of an interrupted run, then through the server.
+
+    Returns None when every row is filled, else the exit status after saying what happened.
+    """
+    unique = rows.names
+    if checkpoint is not None:
+        checkpoint.open()
+        for names, saved in checkpoint.saved():  # one chunk in memory at a time
+            keep = [i for i, name in enumerate(names) if name in rows]
+            rows.put([names[i] for i in keep], saved[keep])
+        if rows.count():
+            print(f"resuming: {rows.count()} of {len(unique)} images already described in "
+                  f"{checkpoint.directory}", file=sys.stderr)
+    limits = info.batching
+    batch_size = args.batch_size or min(
+        limits.max_batch_size or 16, limits.max_images_per_request or 1 << 30
     )
+    todo = [name for name in unique if not rows.filled(name)]
+    per_request = min(batch_size, limits.max_images_per_request or batch_size, len(todo) or 1)
+    concurrency = queue_safe_concurrency(info, args.concurrency, per_request)
+    if concurrency < args.concurrency:
+        print(f"note: {args.concurrency} requests of {per_request} images would overfill the "
+              f"server's queue of {limits.max_queue_size}; sending {concurrency} at a time",
+              file=sys.stderr)
+        args.concurrency = concurrency
+    stopped = _describe_missing(client, args, todo, batch_size, rows.dims, checkpoint, rows)
+    if stopped is None:
+        return None
+    interrupted, message = stopped
+    if checkpoint is not None:
+        message += (f"; {rows.count()} of {len(unique)} images are saved in "
+                    f"{checkpoint.directory}, run the same command again to finish")
+    elif len(todo) > batch_size:
+        message += "; pass --resume to keep finished work across runs"
+    print(f"netvlad-client: {message}", file=sys.stderr)
+    return EXIT_INTERRUPTED if interrupted else EXIT_ERROR
+
+
+def _write_output(rows: RowFile, names: list[str], out: Path | None, fmt: str,
+                  checkpoint: Checkpoint | None) -> int:
+    """Write the filled rows in input order (to `out` or standard output); the exit status."""
+    if len(names) == len(rows.names):
+        descriptors = rows.rows  # input order already; memory-mapped, not copied
+    else:  # a file named twice gets its row twice
+        descriptors = rows.rows[[rows.index(name) for name in names]]
+    shape = f"{descriptors.shape[0]} x {descriptors.shape[1]}"
     if out is None:
         if not _write_stdout(fmt, descriptors, names):
-            print(f"netvlad-client: standard output was closed by its reader before all "
-                  f"{descriptors.shape[0]} x {descriptors.shape[1]} descriptors ({fmt}) were "
-                  "written", file=sys.stderr)
+            print(f"netvlad-client: standard output was closed by its reader before all {shape} "
+                  f"descriptors ({fmt}) were written", file=sys.stderr)
             return 0
         where = "standard output"
     else:
-        write_descriptors(out, fmt, descriptors, names)
+        if rows.in_place:
+            del descriptors
+            rows.finish(out)
+        else:
+            write_descriptors(out, fmt, descriptors, names)
         where = str(out)
     if checkpoint is not None:
         checkpoint.remove()
-    print(f"wrote {descriptors.shape[0]} x {descriptors.shape[1]} descriptors to {where} ({fmt})",
-          file=sys.stderr)
+    print(f"wrote {shape} descriptors to {where} ({fmt})", file=sys.stderr)
     return 0
 
 
@@ -380,7 +411,7 @@ def _describe_missing(
     batch_size: int,
     dims: int,
     checkpoint: Checkpoint | None,
-    done: dict[str, np.ndarray],
+    done: RowFile,
 ) -> tuple[bool, str] | None:
     """Describe `todo` into `done`, checkpointing each finished request.
 
@@ -398,7 +429,7 @@ def _describe_missing(
         for index, rows in results:
             if checkpoint is not None:
                 checkpoint.save(chunks[index], rows)
-            done.update(zip(chunks[index], rows, strict=True))
+            done.put(chunks[index], rows)
             progress.advance(len(rows))
     except (KeyboardInterrupt, _Interrupted):
         client.close()  # ends the calls in flight at once

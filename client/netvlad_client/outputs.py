@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -108,6 +108,84 @@ def write_stream(handle: BinaryIO, fmt: str, descriptors: np.ndarray,
     _write(handle, fmt, np.asarray(descriptors, dtype=np.float32), names)
 
 
+class RowFile:
+    """The (N, D) float32 result, row i for image i, filled in as answers arrive.
+
+    The rows live in a memory-mapped file rather than in RAM, so describing a folder of any
+    size needs memory only for the requests in flight. For .npy and .bin output that file is the
+    output itself, written under a temporary name and renamed into place by `finish`; for the
+    other formats (and standard output) it is a scratch file that `discard` removes.
+    """
+
+    def __init__(self, names: Sequence[str], dims: int, out: Path | None, fmt: str) -> None:
+        if len(set(names)) != len(names):
+            raise ValueError("RowFile needs distinct names")
+        self.names = list(names)
+        self._position = {name: i for i, name in enumerate(self.names)}
+        self._done = np.zeros(len(self.names), dtype=bool)
+        shape = (len(self.names), dims)
+        self.in_place = out is not None and fmt in ("npy", "bin")
+        if self.in_place:
+            assert out is not None
+            self.path = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        else:
+            import tempfile
+
+            handle, scratch = tempfile.mkstemp(prefix=".netvlad-rows-", suffix=".f32",
+                                               dir=out.parent if out is not None else None)
+            os.close(handle)
+            self.path = Path(scratch)
+        if not self.names:  # nothing to map: an empty file cannot be memory-mapped
+            self.rows = np.empty(shape, dtype=np.float32)
+            if self.in_place:
+                atomic_write(self.path, lambda h: _write(h, fmt, self.rows, self.names))
+        elif fmt == "npy" and self.in_place:
+            self.rows = np.lib.format.open_memmap(self.path, mode="w+", dtype="<f4", shape=shape)
+        else:
+            self.rows = np.memmap(self.path, dtype="<f4", mode="w+", shape=shape)
+
+    @property
+    def dims(self) -> int:
+        return int(self.rows.shape[1])
+
+    def __contains__(self, name: object) -> bool:
+        """Whether `name` is one of the images (filled or not)."""
+        return name in self._position
+
+    def index(self, name: str) -> int:
+        """The row of `name`."""
+        return self._position[name]
+
+    def filled(self, name: str) -> bool:
+        """Whether the row of `name` holds its descriptor yet."""
+        return bool(self._done[self._position[name]])
+
+    def count(self) -> int:
+        """How many rows are filled."""
+        return int(self._done.sum())
+
+    def put(self, names: Sequence[str], rows: np.ndarray) -> None:
+        """Store the descriptors of `names` (one row each, in that order)."""
+        where = [self._position[name] for name in names]
+        self.rows[where] = rows
+        self._done[where] = True
+
+    def finish(self, out: Path) -> None:
+        """Make the in-place file durable and rename it to `out` (only for .npy and .bin)."""
+        assert self.in_place
+        if isinstance(self.rows, np.memmap):
+            self.rows.flush()
+            with open(self.path, "rb+") as handle:
+                os.fsync(handle.fileno())
+        del self.rows
+        os.replace(self.path, out)
+        _fsync_directory(out.parent)
+
+    def discard(self) -> None:
+        """Remove the file unless `finish` has renamed it into place."""
+        self.path.unlink(missing_ok=True)
+
+
 def silence_closed_stdout() -> None:
     """After a reader closed our standard output (`| head`): point it at /dev/null, so Python's
     flush at exit does not report the broken pipe a second time."""
@@ -134,8 +212,8 @@ class Checkpoint:
         self.manifest = {"checkpoint_version": CHECKPOINT_VERSION, **manifest}
         self._next = 0
 
-    def open(self) -> dict[str, np.ndarray]:
-        """Create the directory or check it belongs to this run; return {name: descriptor}."""
+    def open(self) -> None:
+        """Create the directory, or check that it belongs to this run; `saved()` then reads it."""
         manifest_path = self.directory / "manifest.json"
         if self.directory.exists() and not manifest_path.exists() and any(self.directory.iterdir()):
             raise NetVLADInputError(
@@ -148,14 +226,16 @@ class Checkpoint:
         else:
             text = json.dumps(self.manifest, indent=2, sort_keys=True).encode()
             atomic_write(manifest_path, lambda handle: handle.write(text))
-        done: dict[str, np.ndarray] = {}
         for stale in self.directory.glob(".chunk-*.tmp-*"):
             stale.unlink(missing_ok=True)  # left by a run killed while writing
-        for chunk in sorted(self.directory.glob("chunk-*.npz")):
+        for chunk in self.directory.glob("chunk-*.npz"):
             self._next = max(self._next, int(chunk.stem.split("-")[1]) + 1)
+
+    def saved(self) -> Iterator[tuple[list[str], np.ndarray]]:
+        """The finished chunks, one at a time: (names, descriptors)."""
+        for chunk in sorted(self.directory.glob("chunk-*.npz")):
             with np.load(chunk, allow_pickle=False) as data:
-                done.update(zip(data["names"].tolist(), data["descriptors"], strict=True))
-        return done
+                yield data["names"].tolist(), data["descriptors"]
 
     def _check_manifest(self, found: Mapping[str, Any]) -> None:
         """Refuse to mix descriptors made with another model or other options."""

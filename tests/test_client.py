@@ -366,3 +366,20 @@ def test_clients_never_overfill_a_small_queue_themselves(tiny_model, network):
                 return await client.describe(images, batch_size=8, concurrency=3)
 
         np.testing.assert_allclose(asyncio.run(async_run()), expected, atol=1e-5)
+
+
+def test_describe_concurrently_keeps_no_rows_once_they_are_handed_over(client):
+    """Rows the caller has taken are not held by the generator (a large folder stays small)."""
+    import gc
+    import weakref
+
+    chunks = [[random_image(70 + i, 24, 24)] for i in range(6)]
+    handed = []
+    results = describe_concurrently(client, chunks, 2)
+    for _, rows in results:
+        handed.append(weakref.ref(rows))
+        del rows
+        gc.collect()
+        # The generator, paused, may still see the rows it just yielded; never earlier ones.
+        assert all(ref() is None for ref in handed[:-1]), "earlier rows are still held"
+    assert len(handed) == 6

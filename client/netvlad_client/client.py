@@ -879,7 +879,8 @@ def describe_concurrently(
     pending = {pool.submit(client.describe, chunk, **options): i for i, chunk in enumerate(chunks)}
     failure: BaseException | None = None
     try:
-        for future in futures.as_completed(pending):
+        for future in futures.as_completed(list(pending)):
+            index = pending.pop(future)  # then nothing here keeps its rows alive once yielded
             if future.cancelled():
                 continue
             if future.exception() is not None:
@@ -888,7 +889,7 @@ def describe_concurrently(
                     for other in pending:
                         other.cancel()
                 continue
-            yield pending[future], future.result()
+            yield index, future.result()
     finally:
         # Never block here: an interrupted caller closes the client, which ends calls in flight.
         pool.shutdown(wait=False, cancel_futures=True)

@@ -316,7 +316,7 @@ def test_row_file_fills_the_output_in_place_in_any_order(tmp_path):
     names = ["a", "b", "c", "d"]
     for fmt in ("npy", "bin"):
         out = tmp_path / f"rows.{fmt}"
-        rows = RowFile(names, 3, out, fmt)
+        rows = RowFile(names, 3, output=out, fmt=fmt)
         assert rows.in_place and rows.path.name == f".rows.{fmt}.tmp-{os.getpid()}"
         assert isinstance(rows.rows, np.memmap)  # on disk, not in RAM
         rows.put(["d", "b"], values[[3, 1]])
@@ -326,12 +326,12 @@ def test_row_file_fills_the_output_in_place_in_any_order(tmp_path):
         rows.discard()  # after finish: leaves the output alone
         got = np.load(out) if fmt == "npy" else np.fromfile(out, "<f4").reshape(4, 3)
         np.testing.assert_array_equal(got, values)
-    scratch = RowFile(names, 3, tmp_path / "rows.json", "json")
+    scratch = RowFile(names, 3, scratch_dir=tmp_path)
     assert not scratch.in_place and scratch.path.parent == tmp_path
     scratch.put(names, values)
     scratch.discard()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.bin", "rows.npy"]
-    empty = RowFile([], 3, tmp_path / "empty.npy", "npy")
+    empty = RowFile([], 3, output=tmp_path / "empty.npy", fmt="npy")
     empty.finish(tmp_path / "empty.npy")
     assert np.load(tmp_path / "empty.npy").shape == (0, 3)
 

@@ -301,7 +301,10 @@ def _describe_command(args: argparse.Namespace) -> int:
             checkpoint = None
         unique = list(dict.fromkeys(names))
         # Rows go straight into the output file when it is .npy/.bin and every name is distinct.
-        rows = RowFile(unique, dims, out, fmt if len(unique) == len(names) else "scratch")
+        in_place = (out is not None and fmt in RowFile.IN_PLACE_FORMATS
+                    and len(unique) == len(names))
+        rows = RowFile(unique, dims, output=out if in_place else None, fmt=fmt,
+                       scratch_dir=out.parent if out is not None else None)
         try:
             stopped = _describe_all(client, args, info, rows, checkpoint)
             if stopped is not None:

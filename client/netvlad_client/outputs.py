@@ -117,22 +117,29 @@ class RowFile:
     other formats (and standard output) it is a scratch file that `discard` removes.
     """
 
-    def __init__(self, names: Sequence[str], dims: int, out: Path | None, fmt: str) -> None:
+    IN_PLACE_FORMATS = ("npy", "bin")  # formats whose file is the bare (N, D) array
+
+    def __init__(self, names: Sequence[str], dims: int, *, output: Path | None = None,
+                 fmt: str = "bin", scratch_dir: Path | None = None) -> None:
+        """Rows for `names` (distinct); with `output`, filled in place as that `fmt` file (one
+        of IN_PLACE_FORMATS), else in a scratch file in `scratch_dir` (default: the system's
+        temporary directory)."""
         if len(set(names)) != len(names):
             raise ValueError("RowFile needs distinct names")
         self.names = list(names)
         self._position = {name: i for i, name in enumerate(self.names)}
         self._done = np.zeros(len(self.names), dtype=bool)
         shape = (len(self.names), dims)
-        self.in_place = out is not None and fmt in ("npy", "bin")
-        if self.in_place:
-            assert out is not None
-            self.path = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        self.in_place = output is not None
+        if output is not None:
+            if fmt not in self.IN_PLACE_FORMATS:
+                raise ValueError(f"only {self.IN_PLACE_FORMATS} are filled in place, not {fmt}")
+            self.path = output.with_name(f".{output.name}.tmp-{os.getpid()}")
         else:
             import tempfile
 
             handle, scratch = tempfile.mkstemp(prefix=".netvlad-rows-", suffix=".f32",
-                                               dir=out.parent if out is not None else None)
+                                               dir=scratch_dir)
             os.close(handle)
             self.path = Path(scratch)
         if not self.names:  # nothing to map: an empty file cannot be memory-mapped

@@ -30,7 +30,6 @@ from netvlad_client.client import (
     NetVLADError,
     NetVLADInputError,
     describe_concurrently,
-    queue_safe_concurrency,
     resize_policy,
 )
 from netvlad_client.outputs import (
@@ -334,13 +333,6 @@ def _describe_all(client: NetVLADClient, args: argparse.Namespace, info: netvlad
         limits.max_batch_size or 16, limits.max_images_per_request or 1 << 30
     )
     todo = [name for name in unique if not rows.filled(name)]
-    per_request = min(batch_size, limits.max_images_per_request or batch_size, len(todo) or 1)
-    concurrency = queue_safe_concurrency(info, args.concurrency, per_request)
-    if concurrency < args.concurrency:
-        print(f"note: {args.concurrency} requests of {per_request} images would overfill the "
-              f"server's queue of {limits.max_queue_size}; sending {concurrency} at a time",
-              file=sys.stderr)
-        args.concurrency = concurrency
     stopped = _describe_missing(client, args, todo, batch_size, rows.dims, checkpoint, rows)
     if stopped is None:
         return None
@@ -423,8 +415,13 @@ def _describe_missing(
     """
     chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     progress = Progress(len(todo), _show_progress(args.progress, len(chunks) > 1))
+    def lowered(concurrency: int, per_request: int, queue: int) -> None:
+        print(f"note: {args.concurrency} requests of {per_request} images would overfill the "
+              f"server's queue of {queue}; sending {concurrency} at a time", file=sys.stderr)
+
     results = describe_concurrently(
-        client, chunks, args.concurrency, dims=dims, batch_size=batch_size, resize=args.resize
+        client, chunks, args.concurrency, on_lowered=lowered, dims=dims, batch_size=batch_size,
+        resize=args.resize,
     )
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None

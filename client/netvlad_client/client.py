@@ -12,7 +12,7 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -410,7 +410,9 @@ def _status_code(number: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-BUSY_TRAILER = "netvlad-busy"  # the server's mark on RESOURCE_EXHAUSTED for a full queue
+# Trailing metadata the server puts on a RESOURCE_EXHAUSTED that means "queue full, try again
+# shortly", telling it apart from gRPC's own RESOURCE_EXHAUSTED for an oversized message.
+BUSY_TRAILER = ("netvlad-busy", "queue-full")
 
 
 def _retryable(exc: grpc.RpcError) -> bool:
@@ -422,7 +424,7 @@ def _retryable(exc: grpc.RpcError) -> bool:
         return True
     if code != grpc.StatusCode.RESOURCE_EXHAUSTED or not hasattr(exc, "trailing_metadata"):
         return False
-    return any(key == BUSY_TRAILER for key, _ in exc.trailing_metadata() or ())
+    return any(key == BUSY_TRAILER[0] for key, _ in exc.trailing_metadata() or ())
 
 
 def _rpc_error(
@@ -860,6 +862,8 @@ def describe_concurrently(
     client: NetVLADClient,
     chunks: Sequence[Sequence[ImageInput]],
     concurrency: int,
+    *,
+    on_lowered: Callable[[int, int, int], None] | None = None,
     **options: Any,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Describe chunks with up to `concurrency` requests in flight; yields (chunk index, rows).
@@ -867,14 +871,18 @@ def describe_concurrently(
     Results come as they finish, not in order: the caller places them by index. After the
     first failure no further chunk starts, the chunks already in flight are still yielded, and
     then the failure is raised. `options` go to `NetVLADClient.describe`. `concurrency` is
-    lowered where the server's queue could not hold that many requests at once.
+    lowered where the server's queue could not hold that many requests at once;
+    `on_lowered(concurrency, images per request, queue size)` then hears of it.
     """
     if chunks:
         info = client._limits()
         per_request = max(len(chunk) for chunk in chunks)
         for limit in (info.batching.max_images_per_request, options.get("batch_size")):
             per_request = min(per_request, limit or per_request)
-        concurrency = queue_safe_concurrency(info, concurrency, per_request)
+        safe = queue_safe_concurrency(info, concurrency, per_request)
+        if safe < concurrency and on_lowered is not None:
+            on_lowered(safe, per_request, info.batching.max_queue_size)
+        concurrency = safe
     pool = futures.ThreadPoolExecutor(max_workers=max(1, concurrency))
     pending = {pool.submit(client.describe, chunk, **options): i for i, chunk in enumerate(chunks)}
     failure: BaseException | None = None

@@ -43,6 +43,7 @@ from netvlad_client.evaluation import (
     read_descriptors,
     read_kitti_poses,
     read_positions,
+    require_matplotlib,
 )
 
 DEFAULT_OUT = "evaluation"
@@ -321,15 +322,8 @@ def _check_dims(config: EvaluateConfig, available: int, source: str) -> None:
 
 def _check_plotting(config: EvaluateConfig) -> None:
     """Refuse at once, not after describing a whole sequence, when the figures cannot be drawn."""
-    if not config.plots:
-        return
-    try:
-        import matplotlib  # noqa: F401  (drawn with later; only its presence is checked here)
-    except ImportError:
-        raise EvaluationError(
-            "the figures need matplotlib, which is not installed: pip install "
-            "'netvlad-service[plot]', or pass --no-plots to write only summary.json"
-        ) from None
+    if config.plots:
+        require_matplotlib(instead="pass --no-plots to write only summary.json")
 
 
 def _load_main(

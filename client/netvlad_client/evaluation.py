@@ -423,14 +423,21 @@ def confusion_matrices(
 # --------------------------------------------------------------------------- plotting
 
 
-def _figure(width: float, height: float) -> Any:
-    """A matplotlib Figure without pyplot (no GUI backend, no global state)."""
+def require_matplotlib(instead: str = "skip the figures") -> None:
+    """Raise EvaluationError, saying what to do `instead`, when matplotlib is not installed."""
     try:
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401
     except ImportError as exc:
         raise EvaluationError(
-            "plotting needs matplotlib: pip install 'netvlad-service[plot]' (or skip the figures)"
+            f"plotting needs matplotlib: pip install 'netvlad-service[plot]' (or {instead})"
         ) from exc
+
+
+def _figure(width: float, height: float) -> Any:
+    """A matplotlib Figure without pyplot (no GUI backend, no global state)."""
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
     return Figure(figsize=(width, height), layout="constrained")
 
 

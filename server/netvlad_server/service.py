@@ -21,6 +21,7 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 from netvlad_client._proto import netvlad_pb2 as pb
 from netvlad_client._proto import netvlad_pb2_grpc as pb_grpc
+from netvlad_client.client import BUSY_TRAILER
 
 from netvlad_server.batching import (
     BatcherClosedError,
@@ -66,11 +67,6 @@ class LoadedModel:
     forward: Callable[[np.ndarray], np.ndarray]
     truncate: Callable[[np.ndarray, int], np.ndarray]  # (rows [N, D], n) -> first n, renormalised
     description: ModelDescription
-
-
-# Trailing metadata on a RESOURCE_EXHAUSTED that means "queue full, try again shortly", telling
-# it apart from gRPC's own RESOURCE_EXHAUSTED for an oversized message (which a retry won't fix).
-BUSY_TRAILER = ("netvlad-busy", "queue-full")
 
 
 class RequestError(Exception):

@@ -291,11 +291,9 @@ def _refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMet
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Ends every call without an accepted bearer token UNAUTHENTICATED (open methods excepted)."""
 
-    def __init__(self, tokens: TokenFile | Sequence[bytes],
-                 refused: Callable[[str], None] | None = None,
+    def __init__(self, tokens: TokenFile, refused: Callable[[str], None] | None = None,
                  open_prefixes: Sequence[str] = OPEN_METHOD_PREFIXES) -> None:
-        fixed = () if isinstance(tokens, TokenFile) else tuple(tokens)
-        self._digests = tokens.digests if isinstance(tokens, TokenFile) else lambda: fixed
+        self._tokens = tokens
         self._refused = refused
         self._open = tuple(open_prefixes)
 
@@ -309,7 +307,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if method.startswith(self._open):
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
-        if token is not None and token_accepted(token, self._digests()):
+        if token is not None and token_accepted(token, self._tokens.digests()):
             return handler
         reason = "missing" if token is None else "invalid"
         log.info("refused a call to %s: %s bearer token", method, reason)

@@ -6,12 +6,12 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+import time
 
 import grpc
 import numpy as np
 import pytest
 from client_support import ServerProcess, random_image, reference, write_png
-from conftest import free_port
 from netvlad_client import (
     AsyncNetVLADClient,
     NetVLADClient,
@@ -20,8 +20,11 @@ from netvlad_client import (
     NetVLADRPCError,
     NetVLADUnavailableError,
     __version__,
+    describe_concurrently,
+    plan_requests,
+    resolve_target,
 )
-from netvlad_client.client import describe_concurrently, plan_requests, resolve_target
+from netvlad_client.bench.harness import free_port
 
 # Batched and single-image forward passes may round differently in the last bits.
 ATOL = 1e-6
@@ -42,7 +45,7 @@ def test_import_loads_no_tensorflow_or_opencv():
     code = textwrap.dedent(
         """
         import sys
-        import netvlad_client, netvlad_client.cli, netvlad_client.outputs
+        import netvlad_client, netvlad_client.cli, netvlad_client.formats
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "cv2", "keras"))
         print(heavy)
         """
@@ -168,7 +171,7 @@ def test_bad_local_inputs_fail_before_sending(client, tmp_path):
         with pytest.raises(NetVLADInputError, match=words.replace(".", r"\.")):
             client.describe([random_image(7), image])
     with pytest.raises(NetVLADInputError, match="dims"):
-        client.describe(random_image(7), dims=0)
+        client.describe(random_image(7), dims=-1)
     with pytest.raises(NetVLADInputError, match="resize"):
         client.describe(random_image(7), resize="fit")
 
@@ -298,9 +301,15 @@ def test_resolve_target_forms():
     assert resolve_target("dns:///netvlad.internal:50051") == "dns:///netvlad.internal:50051"
     assert resolve_target("ipv4:1.2.3.4:5,1.2.3.5:5") == "ipv4:1.2.3.4:5,1.2.3.5:5"
     assert resolve_target("[::1]:5") == "[::1]:5"
-    for portless in ("localhost", "::1", "10.0.0.1:"):
-        with pytest.raises(NetVLADInputError, match="has no port; expected HOST:PORT"):
-            resolve_target(portless)
+    # A host alone gets the server's default port.
+    assert resolve_target("localhost") == "localhost:50051"
+    assert resolve_target(" robot-server ") == "robot-server:50051"
+    assert resolve_target("::1") == "[::1]:50051"
+    assert resolve_target("[::1]") == "[::1]:50051"
+    assert resolve_target("10.0.0.1,10.0.0.2:6") == "ipv4:10.0.0.1:50051,10.0.0.2:6"
+    for broken in ("10.0.0.1:", "host:http", ":50051", "[::1]:"):
+        with pytest.raises(NetVLADInputError, match=r"is not HOST\[:PORT\]"):
+            resolve_target(broken)
     with pytest.raises(NetVLADInputError, match="dns:///"):
         resolve_target(["host-a:5", "host-b:5"])
     with pytest.raises(NetVLADInputError, match="IPv4 or all IPv6"):
@@ -332,8 +341,8 @@ def test_token_travels_as_bearer_metadata(server):
 
 
 def test_queue_safe_concurrency_keeps_requests_in_flight_within_the_queue():
+    from netvlad_client import queue_safe_concurrency
     from netvlad_client._proto import netvlad_pb2
-    from netvlad_client.client import queue_safe_concurrency
 
     def info(queue: int) -> netvlad_pb2.ModelInfo:
         return netvlad_pb2.ModelInfo(batching=netvlad_pb2.BatchingLimits(max_queue_size=queue))
@@ -383,3 +392,137 @@ def test_describe_concurrently_keeps_no_rows_once_they_are_handed_over(client):
         # The generator, paused, may still see the rows it just yielded; never earlier ones.
         assert all(ref() is None for ref in handed[:-1]), "earlier rows are still held"
     assert len(handed) == 6
+
+
+def test_dims_zero_means_all_dimensions(client):
+    image = random_image(80)
+    full = reference(image)
+    np.testing.assert_allclose(client.describe(image, dims=0)[0], full, atol=ATOL, rtol=0)
+    with NetVLADClient(client.config.target, dims=0) as every:
+        assert every.config.dims is None
+        assert every.describe(image).shape == (1, 32)
+    with NetVLADClient(client.config.target, dims=5) as short:
+        assert short.describe(image, dims=0).shape == (1, 32)  # the call's 0 wins over 5
+        assert [r.descriptor.shape for r in short.describe_stream([image], dims=0)] == [(32,)]
+    with pytest.raises(NetVLADInputError, match="0 or None for all"):
+        NetVLADClient(client.config.target, dims=-3)
+
+
+def test_a_host_without_port_reaches_port_50051():
+    with NetVLADClient("localhost") as client:
+        assert client.config.target == "localhost:50051"
+
+
+def test_every_python_api_error_is_a_netvlad_error(server, tmp_path):
+    """Wrong arguments and calls on a closed client raise NetVLADError, never a bare TypeError."""
+    client = NetVLADClient(server.target, timeout=60)
+    image = random_image(81)
+    cases = [
+        (123, "expected a path, encoded bytes, a numpy array or an iterable of them, got int"),
+        (None, "got NoneType"),
+        ([[1, 2], [3, 4]], "image #0: .* got list; pass pixel rows as one numpy array"),
+        ([image, {"a": 1}], "image #1: expected a path.* got dict"),
+        (np.zeros(7, np.uint8), r"got shape \(7,\)"),
+    ]
+    for images, words in cases:
+        with pytest.raises(NetVLADInputError, match=words):
+            client.describe(images)
+        with pytest.raises(NetVLADInputError):
+            list(client.describe_stream(images if isinstance(images, list) else [images]))
+    with pytest.raises(NetVLADInputError, match="batch_size must be an integer >= 1"):
+        client.describe(image, batch_size=0)
+    with pytest.raises(NetVLADInputError, match=r"unknown client option.* timout"):
+        NetVLADClient(server.target, timout=5)
+    with pytest.raises(NetVLADInputError, match="retries must be an integer >= 0"):
+        NetVLADClient(server.target, retries="3")
+    with pytest.raises(NetVLADInputError, match="target must be"):
+        NetVLADClient(50051)
+    assert client.describe(image).shape == (1, 32)
+    client.close()
+    for call in (lambda: client.describe(image), client.info, client.health,
+                 lambda: list(client.describe_stream([image])),
+                 lambda: client.wait_until_serving(1)):
+        with pytest.raises(NetVLADError, match="this NetVLADClient is closed") as caught:
+            call()
+        assert not isinstance(caught.value, NetVLADRPCError)
+
+    async def closed_async() -> list[str]:
+        async with AsyncNetVLADClient(server.target) as aclient:
+            assert (await aclient.describe(image)).shape == (1, 32)
+            with pytest.raises(NetVLADInputError, match="got int"):
+                await aclient.describe(123)
+        messages = []
+        for call in (lambda: aclient.describe(image), aclient.info, aclient.health):
+            with pytest.raises(NetVLADError) as caught:
+                await call()
+            messages.append(str(caught.value))
+        return messages
+
+    assert all("AsyncNetVLADClient is closed" in m for m in asyncio.run(closed_async()))
+
+
+def test_describe_concurrently_is_part_of_the_public_api():
+    import netvlad_client
+    from netvlad_client import bulk
+
+    assert netvlad_client.describe_concurrently is bulk.describe_concurrently
+    assert "describe_concurrently" in netvlad_client.__all__
+
+
+def test_clients_wait_for_a_server_that_is_still_loading(tiny_model, network):
+    """A robot's process may start before the server has loaded its model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server_thread import ServerThread, tiny_config
+
+    image = random_image(82, 32, 32)
+    loading = ServerThread(tiny_config(free_port()), lambda _config: tiny_model, load=False)
+    quick = {"retries": 1, "backoff": 0.01, "max_backoff": 0.02}
+    with loading, ThreadPoolExecutor(3) as pool:
+        with NetVLADClient(loading.target, **quick) as impatient:
+            with pytest.raises(NetVLADUnavailableError, match="still loading"):
+                impatient.describe(image)  # what a caller without waiting gets
+            with pytest.raises(NetVLADUnavailableError, match=r"not SERVING after 0\.3 s"):
+                impatient.wait_until_serving(0.3)
+            with pytest.raises(NetVLADUnavailableError, match="NOT_SERVING"):
+                impatient.wait_until_serving(0.3)
+
+        async def async_wait() -> np.ndarray:
+            async with AsyncNetVLADClient(loading.target, **quick) as client:
+                await client.wait_until_serving(60)
+                return await client.describe(image)
+
+        patient = NetVLADClient(loading.target, wait_for_ready=True, timeout=60, **quick)
+        waiting = NetVLADClient(loading.target, **quick)
+        with patient, waiting:
+            described = pool.submit(patient.describe, image)
+            waited = pool.submit(waiting.wait_until_serving, 60)
+            async_described = pool.submit(asyncio.run, async_wait())
+            futures_ = (described, waited, async_described)
+            time.sleep(1.5)  # well past what the retries alone would wait
+            assert not any(f.done() for f in futures_), [f.exception() for f in futures_]
+            loading.load()
+            expected = network(image[None])
+            np.testing.assert_allclose(described.result(60), expected, atol=1e-5)
+            assert waited.result(60) is None
+            np.testing.assert_allclose(async_described.result(60), expected, atol=1e-5)
+            streamed = list(patient.describe_stream([image]))
+            np.testing.assert_allclose(streamed[0].descriptor, expected[0], atol=1e-5)
+
+
+def test_waiting_for_a_server_that_never_comes_ends_at_the_timeout():
+    target = f"127.0.0.1:{free_port()}"
+    with NetVLADClient(target, backoff=0.01, max_backoff=0.05) as client:
+        start = time.monotonic()
+        with pytest.raises(NetVLADUnavailableError, match=r"not SERVING after 0\.5 s.*UNAVAILABLE"):
+            client.wait_until_serving(0.5)
+        assert 0.4 < time.monotonic() - start < 5
+        with pytest.raises(NetVLADInputError, match="timeout must be seconds"):
+            client.wait_until_serving(-1)
+    with NetVLADClient(target, wait_for_ready=True, timeout=0.5, backoff=0.01) as client:
+        start = time.monotonic()
+        with pytest.raises(NetVLADRPCError) as caught:
+            client.info()
+        assert 0.4 < time.monotonic() - start < 5
+        assert caught.value.code in (grpc.StatusCode.DEADLINE_EXCEEDED,
+                                     grpc.StatusCode.UNAVAILABLE)

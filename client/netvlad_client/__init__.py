@@ -1,17 +1,35 @@
-"""Thin client for the NetVLAD descriptor service; imports numpy, grpcio and protobuf only."""
+"""Thin client for the NetVLAD descriptor service; imports numpy, grpcio and protobuf only.
+
+Modules by concern: `errors` (the NetVLADError family), `config` (ClientConfig: every
+connection option and its default), `inputs` (images and per-call options as messages),
+`planning` (splitting a call into requests, decoding answers), `retry` (the retry policy),
+`health` (health checks, waiting for SERVING), `streaming`, `client` (blocking client), `aio`
+(asyncio client), `bulk` (many requests in flight).
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
-from netvlad_client.client import (
-    AsyncNetVLADClient,
+from netvlad_client.aio import AsyncNetVLADClient
+from netvlad_client.bulk import describe_concurrently, queue_safe_concurrency
+from netvlad_client.client import NetVLADClient
+from netvlad_client.config import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_PORT,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
     ClientConfig,
-    NetVLADClient,
+    resolve_target,
+)
+from netvlad_client.errors import (
     NetVLADError,
     NetVLADInputError,
     NetVLADRPCError,
     NetVLADUnavailableError,
-    StreamResult,
 )
+from netvlad_client.inputs import ImageInput, resize_policy
+from netvlad_client.planning import plan_requests
+from netvlad_client.retry import BUSY_TRAILER
+from netvlad_client.streaming import StreamResult
 
 try:
     __version__ = version("netvlad-service")
@@ -19,8 +37,14 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "BUSY_TRAILER",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_PORT",
+    "DEFAULT_RETRIES",
+    "DEFAULT_TIMEOUT",
     "AsyncNetVLADClient",
     "ClientConfig",
+    "ImageInput",
     "NetVLADClient",
     "NetVLADError",
     "NetVLADInputError",
@@ -28,4 +52,9 @@ __all__ = [
     "NetVLADUnavailableError",
     "StreamResult",
     "__version__",
+    "describe_concurrently",
+    "plan_requests",
+    "queue_safe_concurrency",
+    "resize_policy",
+    "resolve_target",
 ]

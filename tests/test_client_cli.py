@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from client_support import ServerProcess, random_image, reference, write_png
-from conftest import free_port
+from netvlad_client.bench.harness import free_port
 from netvlad_client.cli import main
 
 ATOL = 1e-6
@@ -185,7 +185,7 @@ def test_npy_into_a_pipe_its_reader_closes_midway_is_reported_not_raised(monkeyp
     import threading
     import types
 
-    from netvlad_client import cli
+    from netvlad_client.cli import describe
 
     read_end, write_end = os.pipe()
 
@@ -200,7 +200,7 @@ def test_npy_into_a_pipe_its_reader_closes_midway_is_reported_not_raised(monkeyp
         thread.start()
         try:
             rows = np.ones((256, 1024), np.float32)
-            assert cli._write_stdout("npy", rows, ["x"] * 256) is False
+            assert describe.write_stdout("npy", rows, ["x"] * 256) is False
         finally:
             thread.join(10)
 
@@ -310,7 +310,7 @@ def test_rows_go_to_a_file_not_to_memory_and_nothing_is_left_behind(server, fold
 
 
 def test_row_file_fills_the_output_in_place_in_any_order(tmp_path):
-    from netvlad_client.outputs import RowFile
+    from netvlad_client.rowstore import RowFile
 
     values = np.arange(12, dtype=np.float32).reshape(4, 3)
     names = ["a", "b", "c", "d"]
@@ -389,11 +389,10 @@ def test_a_bad_environment_value_is_blamed_on_the_variable(server, monkeypatch, 
                      "could not convert string to float: 'abc'")
     assert run(server, "--timeout", "30", "info") == 0  # a flag overrides the variable
     monkeypatch.setenv("NETVLAD_CLIENT_TIMEOUT", "12.5")
-    from netvlad_client.cli import build_parser, resolve_env_defaults
+    from netvlad_client.cli import build_parser
+    from netvlad_client.options import parse_args
 
-    parser = build_parser()[0]
-    args = parser.parse_args(["info"])
-    resolve_env_defaults(parser, args)
+    args = parse_args(build_parser(), ["info"])
     assert (args.timeout, args.retries) == (12.5, 2)
 
 
@@ -517,3 +516,18 @@ def test_health_exit_status(server, capsys):
     assert run(server, "health", "--service", "no.such.Service") == 1
     assert capsys.readouterr().out.strip() == "SERVICE_UNKNOWN"
     assert run(server, "health", "--service", "netvlad.v1.DescriptorService") == 0
+
+
+def test_tls_false_in_the_environment_means_plaintext(server, monkeypatch, capsys):
+    # NETVLAD_CLIENT_TLS=false once turned TLS on, and the plaintext server was unreachable.
+    monkeypatch.setenv("NETVLAD_CLIENT_TLS", "false")
+    assert run(server, "--retries", "0", "info") == 0
+    monkeypatch.setenv("NETVLAD_CLIENT_TLS", "true")
+    assert run(server, "--retries", "0", "--timeout", "5", "info") == 1  # TLS to a plaintext port
+    one_line_error(capsys)
+    monkeypatch.setenv("NETVLAD_CLIENT_TLS", "sure")
+    with pytest.raises(SystemExit) as caught:
+        run(server, "info")
+    assert caught.value.code == 2
+    assert "environment variable NETVLAD_CLIENT_TLS='sure': expected a boolean" in \
+        capsys.readouterr().err

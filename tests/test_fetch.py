@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port
+from netvlad_client.bench.harness import free_port
 from netvlad_server.fetch import OFFICIAL_NAME, FetchConfig, FetchError, fetch
 from netvlad_server.weights import load_weights
 from weightfiles import write_official_zip

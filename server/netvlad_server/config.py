@@ -1,26 +1,41 @@
-"""Server configuration: command-line flags with NETVLAD_* environment fallbacks, one object.
+"""Server configuration: the flag table of `netvlad-server` and the one object built from it.
 
-Precedence is flag > environment variable > default. Every flag `--some-name` reads
-`NETVLAD_SOME_NAME` when the flag is absent; `ServerConfig` is built once in `main` and passed down.
+Every flag `--some-name` falls back to `NETVLAD_SOME_NAME`; precedence, empty variables, booleans
+and error messages follow `netvlad_client.options` like every other command (docs/OPTIONS.md).
+`SERVER_OPTIONS` is the one place for defaults: `ServerConfig`'s fields take theirs from it, and
+a `ServerConfig` built directly (as tests do) passes the same checks as one built from flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from netvlad_client.options import (
+    Option,
+    OptionError,
+    add_options,
+    choice,
+    int_range,
+    non_negative_float,
+    parse_bool,
+    path_or_none,
+    resolve,
+)
+
 OFFICIAL_MODEL_NAME = "vd16_pitts30k_conv5_3_vlad_preL2_intra_white"
 PRECISIONS = ("float32", "bfloat16", "float16", "auto")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+PRIORITIES = ("interactive", "bulk")  # the priority classes, highest first
 NETWORK_MIN_SIDE = 16  # four 2x2 poolings must leave at least one pixel
 MIB = 1024 * 1024
 
 
-class ConfigError(ValueError):
+class ConfigError(OptionError):
     """A flag or environment value that cannot be used; the message names it and says why."""
 
 
@@ -39,54 +54,6 @@ class Resize:
         return "keep" if self.keep else f"fit:{self.longest_side}"
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    """Everything the server needs to know, resolved from flags, environment and defaults."""
-
-    model: str = "demo"
-    model_is_default: bool = False  # True when --model was not given and the default was chosen
-    host: str = "0.0.0.0"
-    port: int = 50051
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = 9090
-    max_batch_size: int = 8
-    max_queue_delay_ms: float = 5.0
-    max_queue_size: int = 64
-    max_images_per_request: int = 64
-    max_message_bytes: int = 64 * MIB
-    max_image_pixels: int = 4096 * 4096
-    min_image_side: int = NETWORK_MIN_SIDE
-    resize: Resize = Resize()
-    decode_threads: int = 2
-    precision: str = "auto"
-    xla: bool = False
-    intra_op_threads: int = 0  # 0: TensorFlow's choice, one per core
-    inter_op_threads: int = 1
-    gpu_memory_growth: bool = True
-    warmup_sizes: tuple[tuple[int, int], ...] = ((480, 640),)
-    max_stream_inflight: int = 16
-    shutdown_grace_s: float = 30.0
-    log_level: str = "INFO"
-    tls_cert: str | None = None  # PEM paths; see security.py
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    token_file: str | None = None
-
-    @property
-    def address(self) -> str:
-        """The host:port the gRPC server binds to."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def default_model(models_dir: Path = Path("models")) -> str:
-    """The official model under ./models (directory, then zip) if present, else "demo"."""
-    for candidate in (models_dir / OFFICIAL_MODEL_NAME, models_dir / f"{OFFICIAL_MODEL_NAME}.zip"):
-        if candidate.exists():
-            return str(candidate)
-    return "demo"
-
-
 def parse_resize(text: str) -> Resize:
     """Parse "keep" or "fit:N" (N pixels on the longest side)."""
     text = text.strip().lower()
@@ -98,7 +65,10 @@ def parse_resize(text: str) -> Resize:
 
 
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
-    """Parse a comma-separated list of HEIGHTxWIDTH sizes, e.g. "480x640,240x320" ("" = none)."""
+    """Parse a comma-separated list of HEIGHTxWIDTH sizes, e.g. "480x640,240x320"; "" or "none"
+    is no size at all."""
+    if text.strip().lower() == "none":
+        return ()
     sizes = []
     for part in filter(None, (p.strip().lower() for p in text.split(","))):
         height, sep, width = part.partition("x")
@@ -108,156 +78,174 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(sizes)
 
 
-def _path_or_none(text: str) -> str | None:
-    """A file path, or None for an empty value (an unset environment variable)."""
-    return text.strip() or None
+def sizes_text(sizes: tuple[tuple[int, int], ...]) -> str:
+    """Render sizes the way --warmup-sizes takes them ("none" for no size)."""
+    return ",".join(f"{h}x{w}" for h, w in sizes) or "none"
 
 
-def _parse_bool(text: str) -> bool:
-    """Parse an environment boolean such as 1/0, true/false, yes/no, on/off."""
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"expected a boolean (1/0, true/false, yes/no, on/off), got {text!r}")
+def _flag(name: str, convert: Any, default: Any, help_text: str, **extra: Any) -> Option:
+    """One row of the table: --NAME with NETVLAD_NAME as its environment fallback."""
+    dest = name.replace("-", "_")
+    kind = "bool" if convert is parse_bool else "value"
+    metavar = None if kind == "bool" or "choices" in extra else dest.upper()
+    return Option((f"--{name}",), help_text, default=default, convert=convert,
+                  env=f"NETVLAD_{dest.upper()}", kind=kind, metavar=metavar, **extra)
+
+
+_PORT = int_range(0, 65535)
+SERVER_OPTIONS: tuple[Option, ...] = (
+    _flag("model", str, None, "weights: a TF1 checkpoint prefix or directory, the official .zip, "
+          "a structed .mat, an exported .npz, or demo / demo-tiny (meaningless random weights)",
+          shown_default=f"models/{OFFICIAL_MODEL_NAME} if present, else demo"),
+    _flag("host", str, "0.0.0.0", "address the gRPC server binds to"),
+    _flag("port", _PORT, 50051, "gRPC port (0 picks a free one)"),
+    _flag("metrics-host", str, "0.0.0.0", "address of the Prometheus /metrics endpoint"),
+    _flag("metrics-port", _PORT, 9090, "port of the Prometheus /metrics endpoint (0 disables it)"),
+    _flag("max-batch-size", int_range(1, 4096), 8, "most images run through the model at once"),
+    _flag("max-queue-delay-ms", non_negative_float, 5.0,
+          "longest wait for more images of the same size before a partial batch runs"),
+    _flag("max-queue-size", int_range(1), 64,
+          "most images waiting for the model per priority class (interactive, and bulk unless "
+          "--max-bulk-queue-size is set); beyond it requests get RESOURCE_EXHAUSTED at once"),
+    _flag("max-bulk-queue-size", int_range(0), 0,
+          "most bulk-priority images waiting for the model (0: the same as --max-queue-size); "
+          "a full bulk queue never refuses interactive requests"),
+    _flag("default-priority", choice(PRIORITIES, str.lower), "interactive",
+          "priority class of requests that leave it unspecified", choices=PRIORITIES),
+    _flag("max-images-per-request", int_range(1), 64, "most images in one request"),
+    _flag("max-message-bytes", int_range(1024), 64 * MIB, "largest gRPC message accepted or sent"),
+    _flag("max-image-pixels", int_range(NETWORK_MIN_SIDE**2), 4096 * 4096,
+          "largest image (height x width), checked from the file header before decoding"),
+    _flag("min-image-side", int_range(NETWORK_MIN_SIDE), NETWORK_MIN_SIDE,
+          "smallest image height or width accepted"),
+    _flag("resize", parse_resize, Resize(),
+          "default resize policy when a request gives none: keep, or fit:N (longest side N px)"),
+    _flag("decode-threads", int_range(1, 256), min(4, os.cpu_count() or 1),
+          "threads decoding images in parallel", shown_default="min(4, cores)"),
+    _flag("precision", choice(PRECISIONS, str.lower), "auto",
+          "precision of the convolutions (NetVLAD and whitening stay float32); auto: bfloat16 on "
+          "CPUs with avx512_bf16/AMX and GPUs from compute capability 8.0, float16 on 7.x GPUs, "
+          "else float32", choices=PRECISIONS),
+    _flag("xla", parse_bool, False, "compile the forward pass with XLA"),
+    _flag("intra-op-threads", int_range(0, 1024), 0,
+          "threads one TensorFlow operation may use (0: one per core)"),
+    _flag("inter-op-threads", int_range(0, 1024), 1,
+          "TensorFlow operations run at once (0: TensorFlow's choice); the network is a chain, "
+          "so 1 avoids oversubscribing the cores"),
+    _flag("gpu-memory-growth", parse_bool, True,
+          "allocate GPU memory as needed rather than all of it at start"),
+    _flag("warmup-sizes", parse_sizes, ((480, 640),),
+          "image sizes HEIGHTxWIDTH (comma-separated; none for no warm-up) run once before "
+          "reporting SERVING", shown_default="480x640"),
+    _flag("max-stream-inflight", int_range(1), 16,
+          "most frames of one stream being described at once (more are read as answers leave)"),
+    _flag("shutdown-grace-s", non_negative_float, 30.0,
+          "on SIGTERM, how long admitted requests may take to finish"),
+    _flag("log-level", choice(LOG_LEVELS, str.upper), "INFO", "logging level", choices=LOG_LEVELS),
+    _flag("tls-cert", path_or_none, None, "PEM certificate chain: with --tls-key, the gRPC port "
+          "speaks TLS only"),
+    _flag("tls-key", path_or_none, None, "PEM private key of --tls-cert"),
+    _flag("tls-client-ca", path_or_none, None, "PEM CA bundle: require client certificates "
+          "signed by it (mutual TLS; needs --tls-cert)"),
+    _flag("token-file", path_or_none, None, "file of accepted bearer tokens, one per line: calls "
+          "without one get UNAUTHENTICATED (the health service stays open)"),
+)
+_OPTION = {option.key: option for option in SERVER_OPTIONS}
+_DEFAULT = {key: option.default for key, option in _OPTION.items()}
 
 
 @dataclass(frozen=True)
-class _Flag:
-    """One command-line flag: its parser for strings, its default and its help text."""
+class ServerConfig:
+    """Everything the server needs to know, resolved from flags, environment and defaults.
 
-    name: str
-    convert: Callable[[str], Any]
-    default: Any
-    help: str
-    choices: Sequence[str] | None = None
+    The defaults are the flag table's; only `model` differs: the flag's default depends on the
+    working directory (`default_model`), a directly built config means the demo weights.
+    """
+
+    model: str = "demo"
+    model_is_default: bool = False  # True when --model was not given and the default was chosen
+    host: str = _DEFAULT["host"]
+    port: int = _DEFAULT["port"]
+    metrics_host: str = _DEFAULT["metrics_host"]
+    metrics_port: int = _DEFAULT["metrics_port"]
+    max_batch_size: int = _DEFAULT["max_batch_size"]
+    max_queue_delay_ms: float = _DEFAULT["max_queue_delay_ms"]
+    max_queue_size: int = _DEFAULT["max_queue_size"]  # per priority class
+    max_bulk_queue_size: int = _DEFAULT["max_bulk_queue_size"]  # 0: the same as max_queue_size
+    default_priority: str = _DEFAULT["default_priority"]
+    max_images_per_request: int = _DEFAULT["max_images_per_request"]
+    max_message_bytes: int = _DEFAULT["max_message_bytes"]
+    max_image_pixels: int = _DEFAULT["max_image_pixels"]
+    min_image_side: int = _DEFAULT["min_image_side"]
+    resize: Resize = _DEFAULT["resize"]
+    decode_threads: int = _DEFAULT["decode_threads"]
+    precision: str = _DEFAULT["precision"]
+    xla: bool = _DEFAULT["xla"]
+    intra_op_threads: int = _DEFAULT["intra_op_threads"]  # 0: TensorFlow's choice, one per core
+    inter_op_threads: int = _DEFAULT["inter_op_threads"]
+    gpu_memory_growth: bool = _DEFAULT["gpu_memory_growth"]
+    warmup_sizes: tuple[tuple[int, int], ...] = _DEFAULT["warmup_sizes"]
+    max_stream_inflight: int = _DEFAULT["max_stream_inflight"]
+    shutdown_grace_s: float = _DEFAULT["shutdown_grace_s"]
+    log_level: str = _DEFAULT["log_level"]
+    tls_cert: str | None = _DEFAULT["tls_cert"]  # PEM paths; see security.py
+    tls_key: str | None = _DEFAULT["tls_key"]
+    tls_client_ca: str | None = _DEFAULT["tls_client_ca"]
+    token_file: str | None = _DEFAULT["token_file"]
+
+    def __post_init__(self) -> None:
+        """Each field must be a value its flag accepts, and the fields must fit together."""
+        for key, option in _OPTION.items():
+            _check_field(option, getattr(self, key))
+        _validate(self)
 
     @property
-    def dest(self) -> str:
-        return self.name.replace("-", "_")
+    def bulk_queue_size(self) -> int:
+        """The bulk class's queue budget in force."""
+        return self.max_bulk_queue_size or self.max_queue_size
 
     @property
-    def env(self) -> str:
-        return "NETVLAD_" + self.dest.upper()
+    def address(self) -> str:
+        """The host:port the gRPC server binds to."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
 
-def _int_range(low: int, high: int | None = None) -> Callable[[str], int]:
-    """A converter accepting integers in [low, high]."""
-
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ConfigError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise ConfigError(f"expected an integer {bound}, got {value}")
-        return value
-
-    return convert
-
-
-def _non_negative_float(text: str) -> float:
-    """A converter accepting floats >= 0."""
+def _check_field(option: Option, value: Any) -> None:
+    """Refuse a value its flag could not have produced: it must read back from its text form."""
+    if value is None and option.default is None and option.key != "model":
+        return
+    if option.key == "warmup_sizes":
+        text = sizes_text(value)
+    else:
+        text = str(value).lower() if isinstance(value, bool) else str(value)
     try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise ConfigError(f"expected a number >= 0, got {text!r}")
-    return value
+        converted = (parse_bool if option.kind == "bool" else option.convert)(text)
+    except ValueError as exc:
+        raise ConfigError(f"ServerConfig {option.key}={value!r}: {exc} (as {option.name})"
+                          ) from None
+    if converted != value or isinstance(converted, bool) != isinstance(value, bool):
+        raise ConfigError(f"ServerConfig {option.key}={value!r}: not a value {option.name} "
+                          f"takes (it would read {converted!r})")
 
 
-def _choice(choices: Sequence[str], fold: Callable[[str], str]) -> Callable[[str], str]:
-    """A converter accepting one of `choices` after case folding."""
-
-    def convert(text: str) -> str:
-        value = fold(text.strip())
-        if value not in choices:
-            raise ConfigError(f"expected one of {', '.join(choices)}; got {text!r}")
-        return value
-
-    return convert
-
-
-_PORT = _int_range(0, 65535)
-_FLAGS: tuple[_Flag, ...] = (
-    _Flag("model", str, None, "weights: a TF1 checkpoint prefix or directory, the official .zip, a "
-          "structed .mat, an exported .npz, or demo / demo-tiny (meaningless random weights). "
-          f"Default: models/{OFFICIAL_MODEL_NAME} if present, else demo"),
-    _Flag("host", str, "0.0.0.0", "address the gRPC server binds to"),
-    _Flag("port", _PORT, 50051, "gRPC port (0 picks a free one)"),
-    _Flag("metrics-host", str, "0.0.0.0", "address of the Prometheus /metrics endpoint"),
-    _Flag("metrics-port", _PORT, 9090, "port of the Prometheus /metrics endpoint (0 disables it)"),
-    _Flag("max-batch-size", _int_range(1, 4096), 8, "most images run through the model at once"),
-    _Flag("max-queue-delay-ms", _non_negative_float, 5.0,
-          "longest wait for more images of the same size before a partial batch runs"),
-    _Flag("max-queue-size", _int_range(1), 64,
-          "most images waiting for the model; beyond it requests get RESOURCE_EXHAUSTED at once"),
-    _Flag("max-images-per-request", _int_range(1), 64, "most images in one request"),
-    _Flag("max-message-bytes", _int_range(1024), 64 * MIB, "largest gRPC message accepted or sent"),
-    _Flag("max-image-pixels", _int_range(NETWORK_MIN_SIDE**2), 4096 * 4096,
-          "largest image (height x width), checked from the file header before decoding"),
-    _Flag("min-image-side", _int_range(NETWORK_MIN_SIDE), NETWORK_MIN_SIDE,
-          "smallest image height or width accepted"),
-    _Flag("resize", parse_resize, Resize(),
-          "default resize policy when a request gives none: keep, or fit:N (longest side N px)"),
-    _Flag("decode-threads", _int_range(1, 256), min(4, os.cpu_count() or 1),
-          "threads decoding images in parallel"),
-    _Flag("precision", _choice(PRECISIONS, str.lower), "auto",
-          "precision of the convolutions (NetVLAD and whitening stay float32); auto: bfloat16 on "
-          "CPUs with avx512_bf16/AMX and GPUs from compute capability 8.0, float16 on 7.x GPUs, "
-          "else float32", PRECISIONS),
-    _Flag("xla", _parse_bool, False, "compile the forward pass with XLA"),
-    _Flag("intra-op-threads", _int_range(0, 1024), 0,
-          "threads one TensorFlow operation may use (0: one per core)"),
-    _Flag("inter-op-threads", _int_range(0, 1024), 1,
-          "TensorFlow operations run at once (0: TensorFlow's choice); the network is a chain, "
-          "so 1 avoids oversubscribing the cores"),
-    _Flag("gpu-memory-growth", _parse_bool, True,
-          "allocate GPU memory as needed rather than all of it at start"),
-    _Flag("warmup-sizes", parse_sizes, ((480, 640),),
-          "image sizes HEIGHTxWIDTH (comma-separated) run once before reporting SERVING"),
-    _Flag("max-stream-inflight", _int_range(1), 16,
-          "most frames of one stream being described at once (more are read as answers leave)"),
-    _Flag("shutdown-grace-s", _non_negative_float, 30.0,
-          "on SIGTERM, how long admitted requests may take to finish"),
-    _Flag("log-level", _choice(LOG_LEVELS, str.upper), "INFO", "logging level", LOG_LEVELS),
-    _Flag("tls-cert", _path_or_none, None, "PEM certificate chain: with --tls-key, the gRPC port "
-          "speaks TLS only"),
-    _Flag("tls-key", _path_or_none, None, "PEM private key of --tls-cert"),
-    _Flag("tls-client-ca", _path_or_none, None, "PEM CA bundle: require client certificates "
-          "signed by it (mutual TLS; needs --tls-cert)"),
-    _Flag("token-file", _path_or_none, None, "file of accepted bearer tokens, one per line: calls "
-          "without one get UNAUTHENTICATED (the health service stays open)"),
-)
+def default_model(models_dir: Path = Path("models")) -> str:
+    """The official model under ./models (directory, then zip) if present, else "demo"."""
+    for candidate in (models_dir / OFFICIAL_MODEL_NAME, models_dir / f"{OFFICIAL_MODEL_NAME}.zip"):
+        if candidate.exists():
+            return str(candidate)
+    return "demo"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of netvlad-server; every default is resolved later (flag > env)."""
+    """The argparse parser of netvlad-server; values are resolved later (flag > env > default)."""
     parser = argparse.ArgumentParser(
         prog="netvlad-server",
         description="Serve NetVLAD place-recognition descriptors over gRPC with dynamic batching.",
         epilog="Every flag --some-name falls back to the environment variable NETVLAD_SOME_NAME.",
     )
-    for flag in _FLAGS:
-        shown = str(flag.default) if not isinstance(flag.default, tuple) else _sizes_text(
-            flag.default)
-        help_text = f"{flag.help} [env {flag.env}" + (
-            "]" if flag.default is None else f"; default {shown}]")
-        if flag.convert is _parse_bool:
-            parser.add_argument(f"--{flag.name}", dest=flag.dest, default=None,
-                                action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            parser.add_argument(f"--{flag.name}", dest=flag.dest, default=None, help=help_text,
-                                metavar=flag.dest.upper())
+    add_options(parser, SERVER_OPTIONS)
     return parser
-
-
-def _sizes_text(sizes: tuple[tuple[int, int], ...]) -> str:
-    """Render sizes the way --warmup-sizes takes them."""
-    return ",".join(f"{h}x{w}" for h, w in sizes) or "none"
 
 
 def parse_config(
@@ -275,25 +263,14 @@ def parse_config(
 
 def config_from_values(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServerConfig:
     """Resolve each setting (flag value, else NETVLAD_* variable, else default) and validate."""
-    values: dict[str, Any] = {}
-    for flag in _FLAGS:
-        given = flags.get(flag.dest)
-        source = f"--{flag.name}"
-        if given is None and flag.env in environ:
-            given, source = environ[flag.env], flag.env
-        if given is None:
-            values[flag.dest] = flag.default
-            continue
-        try:
-            values[flag.dest] = given if isinstance(given, bool) else flag.convert(str(given))
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+    try:
+        values = resolve(SERVER_OPTIONS, flags, environ)
+    except OptionError as exc:
+        raise ConfigError(str(exc)) from None
     values["model_is_default"] = values["model"] is None
     if values["model"] is None:
         values["model"] = default_model()
-    config = ServerConfig(**values)
-    _validate(config)
-    return config
+    return ServerConfig(**values)
 
 
 def _validate(config: ServerConfig) -> None:
@@ -303,6 +280,11 @@ def _validate(config: ServerConfig) -> None:
             f"--max-images-per-request ({config.max_images_per_request}) exceeds --max-queue-size "
             f"({config.max_queue_size}): such a request could never be admitted; lower the first "
             "or raise the second")
+    if config.max_images_per_request > config.bulk_queue_size:
+        raise ConfigError(
+            f"--max-images-per-request ({config.max_images_per_request}) exceeds "
+            f"--max-bulk-queue-size ({config.max_bulk_queue_size}): such a bulk request could "
+            "never be admitted; lower the first or raise the second")
     if config.min_image_side**2 > config.max_image_pixels:
         raise ConfigError(
             f"--min-image-side ({config.min_image_side}) squared exceeds --max-image-pixels "

@@ -1,4 +1,4 @@
-"""Download of the official netvlad_tf checkpoint zip (SPEC.md 2a), resumable and verified.
+"""Download of the official netvlad_tf checkpoint zip (docs/NETWORK.md), resumable and verified.
 
 The download lands in ``<dest>/<name>.zip.part`` (kept across failures so a rerun resumes it with
 an HTTP Range request), is checked as a zip (and against ``--sha256`` when given), unpacked into
@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
-import os
 import re
 import shutil
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +22,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NoReturn, TextIO
+
+from netvlad_client.options import Option, add_options
+from netvlad_client.progress import Progress
 
 OFFICIAL_NAME = "vd16_pitts30k_conv5_3_vlad_preL2_intra_white"
 OFFICIAL_URL = f"http://rpg.ifi.uzh.ch/datasets/netvlad/{OFFICIAL_NAME}.zip"
@@ -64,60 +65,6 @@ class FetchConfig:
     def part(self) -> Path:
         """The partial download, kept between runs for resuming."""
         return self.dest / f"{OFFICIAL_NAME}.zip.part"
-
-
-def _human(n: float) -> str:
-    """Format a byte count with a binary unit, e.g. 1.07 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-class Progress:
-    """Download progress on a text stream: in place on a terminal, a line per 10 % otherwise."""
-
-    def __init__(self, stream: TextIO, label: str, total: int | None, start: int) -> None:
-        self.stream, self.label, self.total = stream, label, total
-        self.start, self.done = start, start
-        self.t0 = self.last = time.monotonic()
-        self.tty = stream.isatty()
-        self.last_decile = -1
-        self.written = -1  # bytes done at the last line written when not a terminal
-
-    def _line(self) -> str:
-        """One status line: bytes so far, of the total when known, and the rate of this run."""
-        rate = (self.done - self.start) / max(time.monotonic() - self.t0, 1e-6)
-        if self.total:
-            percent = 100 * self.done / self.total
-            share = f"{_human(self.done)} / {_human(self.total)} {percent:5.1f}%"
-        else:
-            share = _human(self.done)
-        return f"{self.label}: {share}  {_human(rate)}/s"
-
-    def update(self, n: int) -> None:
-        """Count n more bytes and redraw when due (at most 5 times a second)."""
-        self.done += n
-        now = time.monotonic()
-        if self.tty:
-            if now - self.last >= 0.2:
-                self.stream.write("\r\x1b[K" + self._line())
-                self.stream.flush()
-                self.last = now
-        elif self.total:
-            decile = 10 * self.done // self.total
-            if decile != self.last_decile:
-                self.stream.write(self._line() + "\n")
-                self.last_decile, self.written = decile, self.done
-
-    def close(self) -> None:
-        """Draw the final state and end the line (unless that line was just written)."""
-        if not self.tty and self.written == self.done:
-            return
-        prefix = "\r\x1b[K" if self.tty else ""
-        self.stream.write(prefix + self._line() + "\n")
-        self.stream.flush()
 
 
 def _no_network(cfg: FetchConfig, reason: object) -> FetchError:
@@ -198,7 +145,8 @@ def _download_once(cfg: FetchConfig, stream: TextIO) -> None:
             )
         if offset and start == 0:
             stream.write("the server ignored the Range header; downloading from the start\n")
-        progress = Progress(stream, f"downloading {OFFICIAL_NAME}.zip", total, start)
+        progress = Progress(total, mode="bar" if stream.isatty() else "lines", stream=stream,
+                            unit="bytes", label=f"downloading {OFFICIAL_NAME}.zip", start=start)
         with open(cfg.part, "r+b" if start else "wb") as out:
             out.seek(start)
             out.truncate()
@@ -221,7 +169,7 @@ def _copy(response: BinaryIO, out: BinaryIO, progress: Progress) -> None:
         if not chunk:
             return
         out.write(chunk)
-        progress.update(len(chunk))
+        progress.advance(len(chunk))
 
 
 def download(cfg: FetchConfig, stream: TextIO = sys.stderr) -> Path:
@@ -343,12 +291,26 @@ def fetch(cfg: FetchConfig, stream: TextIO = sys.stderr) -> Path:
 
 
 def _sha256_hex(text: str) -> str:
-    """argparse type of --sha256: 64 hex digits, checked before a byte is downloaded."""
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
-        raise argparse.ArgumentTypeError(
-            f"expected 64 hexadecimal digits (a SHA-256), got {text!r}"
-        )
-    return text
+    """--sha256: 64 hex digits, checked before a byte is downloaded."""
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text.strip()):
+        raise ValueError(f"expected 64 hexadecimal digits (a SHA-256), got {text!r}")
+    return text.strip()
+
+
+_DEFAULT = FetchConfig()
+FETCH_OPTIONS: tuple[Option, ...] = (
+    Option(("--dest",), "folder that receives the model", default=_DEFAULT.dest, convert=Path,
+           env="NETVLAD_MODELS_DIR", shown_default="models/"),
+    Option(("--url",), "where to download the zip from, e.g. a mirror", default=_DEFAULT.url,
+           env="NETVLAD_WEIGHTS_URL"),
+    Option(("--force",), "replace an installed model", default=_DEFAULT.force, kind="switch"),
+    Option(("--sha256",), "expected SHA-256 of the zip (64 hex digits), checked before "
+           "unpacking", convert=_sha256_hex),
+    Option(("--retries",), "resume attempts after an interruption", default=_DEFAULT.retries,
+           convert=int),
+    Option(("--timeout",), "seconds without data before giving up", default=_DEFAULT.timeout,
+           convert=float),
+)
 
 
 def register_fetch(subparsers: argparse._SubParsersAction) -> None:
@@ -359,25 +321,7 @@ def register_fetch(subparsers: argparse._SubParsersAction) -> None:
         description="Download the official checkpoint zip (about 1.1 GB, resumable), verify "
         "all 31 tensors and unpack it to DEST/" + OFFICIAL_NAME + "/.",
     )
-    parser.add_argument(
-        "--dest", type=Path, default=Path(os.environ.get("NETVLAD_MODELS_DIR", "models")),
-        help="folder that receives the model (env NETVLAD_MODELS_DIR; default models/)",
-    )
-    parser.add_argument(
-        "--url", default=os.environ.get("NETVLAD_WEIGHTS_URL", OFFICIAL_URL),
-        help="where to download the zip from, e.g. a mirror (env NETVLAD_WEIGHTS_URL)",
-    )
-    parser.add_argument("--force", action="store_true", help="replace an installed model")
-    parser.add_argument(
-        "--sha256", type=_sha256_hex,
-        help="expected SHA-256 of the zip (64 hex digits), checked before unpacking",
-    )
-    parser.add_argument(
-        "--retries", type=int, default=3, help="resume attempts after an interruption (default 3)"
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds without data before giving up"
-    )
+    add_options(parser, FETCH_OPTIONS)
     parser.set_defaults(handler=run_fetch)
 
 

@@ -1,7 +1,8 @@
-"""Descriptor files the CLI writes (.npy .npz .csv .json .bin) and the resume checkpoint.
+"""Where described rows live while a bulk run fills them, and across runs (resume).
 
-Every file is written to a temporary name, fsynced and renamed into place, so a reader (or a
-run that is killed) sees either the old file or the complete new one, never a torn one.
+`RowFile` holds the (N, D) result in a memory-mapped file, so a folder of any size needs memory
+only for the requests in flight. `Checkpoint` keeps each finished request as a chunk file (the
+.npz of the format registry) next to the output, so an interrupted run can be finished later.
 """
 
 from __future__ import annotations
@@ -9,103 +10,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
-from netvlad_client.client import NetVLADInputError
+from netvlad_client import NetVLADInputError
+from netvlad_client.formats import FORMATS, atomic_write, fsync_directory, read_descriptors
 
-FORMATS = ("npy", "npz", "csv", "json", "bin")
-BINARY_FORMATS = ("npy", "npz", "bin")
 CHECKPOINT_VERSION = 1
-
-
-def output_format(path: Path, requested: str | None) -> str:
-    """The format to write: --format when given, else the extension (none means .npy)."""
-    if requested:
-        return requested
-    suffix = path.suffix.lower().lstrip(".")
-    if not suffix:
-        return "npy"
-    if suffix not in FORMATS:
-        raise NetVLADInputError(
-            f"cannot tell the output format from '{path.suffix}' in {path}; use one of "
-            + ", ".join(f".{name}" for name in FORMATS)
-            + " or pass --format"
-        )
-    return suffix
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in directory durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file through write(handle) to a temporary name, fsync, rename into place."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
-
-
-def _text_row(row: np.ndarray) -> str:
-    """One descriptor as comma-separated decimals; 9 significant digits round-trip float32."""
-    return ",".join(f"{value:.9g}" for value in row.tolist())
-
-
-def _write_json(handle: BinaryIO, descriptors: np.ndarray, names: Sequence[str]) -> None:
-    """A JSON list of {"name", "descriptor"} objects, one line per image."""
-    handle.write(b"[\n")
-    for index, (name, row) in enumerate(zip(names, descriptors, strict=True)):
-        separator = ",\n" if index + 1 < len(names) else "\n"
-        entry = f'{{"name": {json.dumps(name)}, "descriptor": [{_text_row(row)}]}}{separator}'
-        handle.write(entry.encode())
-    handle.write(b"]\n")
-
-
-def _write(handle: BinaryIO, fmt: str, descriptors: np.ndarray, names: Sequence[str]) -> None:
-    """Serialise an (N, D) float32 array (and the names, where the format has room) to handle."""
-    if fmt == "npy":
-        np.save(handle, descriptors)
-    elif fmt == "npz":
-        np.savez(handle, descriptors=descriptors, names=np.array(list(names), dtype=str))
-    elif fmt == "csv":
-        handle.writelines(f"{_text_row(row)}\n".encode() for row in descriptors)
-    elif fmt == "json":
-        _write_json(handle, descriptors, names)
-    elif fmt == "bin":
-        # Row-major (N, D) little-endian float32: MATLAB's fread(f, [D, N], 'float32')' reads it.
-        handle.write(np.ascontiguousarray(descriptors, dtype="<f4").tobytes())
-    else:
-        raise NetVLADInputError(f"unknown output format {fmt!r}; use one of {', '.join(FORMATS)}")
-
-
-def write_descriptors(path: Path, fmt: str, descriptors: np.ndarray, names: Sequence[str]) -> None:
-    """Write descriptors (N, D) float32 in input order to path, atomically."""
-    descriptors = np.asarray(descriptors, dtype=np.float32)
-    atomic_write(path, lambda handle: _write(handle, fmt, descriptors, names))
-
-
-def write_stream(handle: BinaryIO, fmt: str, descriptors: np.ndarray,
-                 names: Sequence[str]) -> None:
-    """Write descriptors (N, D) float32 in input order to an open binary stream (e.g. a pipe)."""
-    _write(handle, fmt, np.asarray(descriptors, dtype=np.float32), names)
 
 
 class RowFile:
@@ -117,7 +32,7 @@ class RowFile:
     other formats (and standard output) it is a scratch file that `discard` removes.
     """
 
-    IN_PLACE_FORMATS = ("npy", "bin")  # formats whose file is the bare (N, D) array
+    IN_PLACE_FORMATS = tuple(name for name, f in FORMATS.items() if f.bare_rows)
 
     def __init__(self, names: Sequence[str], dims: int, *, output: Path | None = None,
                  fmt: str = "bin", scratch_dir: Path | None = None) -> None:
@@ -136,8 +51,6 @@ class RowFile:
                 raise ValueError(f"only {self.IN_PLACE_FORMATS} are filled in place, not {fmt}")
             self.path = output.with_name(f".{output.name}.tmp-{os.getpid()}")
         else:
-            import tempfile
-
             handle, scratch = tempfile.mkstemp(prefix=".netvlad-rows-", suffix=".f32",
                                                dir=scratch_dir)
             os.close(handle)
@@ -145,7 +58,7 @@ class RowFile:
         if not self.names:  # nothing to map: an empty file cannot be memory-mapped
             self.rows = np.empty(shape, dtype=np.float32)
             if self.in_place:
-                atomic_write(self.path, lambda h: _write(h, fmt, self.rows, self.names))
+                atomic_write(self.path, lambda h: FORMATS[fmt].write(h, self.rows, self.names))
         elif fmt == "npy" and self.in_place:
             self.rows = np.lib.format.open_memmap(self.path, mode="w+", dtype="<f4", shape=shape)
         else:
@@ -153,6 +66,7 @@ class RowFile:
 
     @property
     def dims(self) -> int:
+        """Values per row."""
         return int(self.rows.shape[1])
 
     def __contains__(self, name: object) -> bool:
@@ -186,23 +100,11 @@ class RowFile:
                 os.fsync(handle.fileno())
         del self.rows
         os.replace(self.path, out)
-        _fsync_directory(out.parent)
+        fsync_directory(out.parent)
 
     def discard(self) -> None:
         """Remove the file unless `finish` has renamed it into place."""
         self.path.unlink(missing_ok=True)
-
-
-def silence_closed_stdout() -> None:
-    """After a reader closed our standard output (`| head`): point it at /dev/null, so Python's
-    flush at exit does not report the broken pipe a second time."""
-    import sys
-
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, sys.stdout.fileno())
-    finally:
-        os.close(devnull)
 
 
 class Checkpoint:
@@ -241,8 +143,8 @@ class Checkpoint:
     def saved(self) -> Iterator[tuple[list[str], np.ndarray]]:
         """The finished chunks, one at a time: (names, descriptors)."""
         for chunk in sorted(self.directory.glob("chunk-*.npz")):
-            with np.load(chunk, allow_pickle=False) as data:
-                yield data["names"].tolist(), data["descriptors"]
+            saved = read_descriptors(chunk, fmt="npz")
+            yield saved.names or [], saved.values
 
     def _check_manifest(self, found: Mapping[str, Any]) -> None:
         """Refuse to mix descriptors made with another model or other options."""
@@ -261,9 +163,8 @@ class Checkpoint:
         """Store one finished chunk durably; returns its path."""
         path = self.directory / f"chunk-{self._next:06d}.npz"
         self._next += 1
-        names_array = np.array(list(names), dtype=str)
         rows = np.asarray(descriptors, dtype=np.float32)
-        atomic_write(path, lambda handle: np.savez(handle, names=names_array, descriptors=rows))
+        atomic_write(path, lambda handle: FORMATS["npz"].write(handle, rows, names))
         return path
 
     def remove(self) -> None:

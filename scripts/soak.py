@@ -22,10 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +30,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from netvlad_client.bench.harness import ServerProcess, ServerStartError, rss_bytes
 
 POOL_SIZES = ((48, 64), (64, 48), (40, 40), (72, 96))
 ENCODINGS = ("raw", "png", "jpeg")
@@ -198,49 +195,16 @@ def worker(index: int, target: str, args: argparse.Namespace, references: dict, 
     Path(out).write_text(json.dumps([asdict(record) for record in records]))
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process, from /proc."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """netvlad-server on 127.0.0.1 (metrics off), SERVING; returns the process and target."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    port = free_port()
+def start_server(args: argparse.Namespace, log_path: Path) -> ServerProcess:
+    """netvlad-server on 127.0.0.1 (metrics off), SERVING."""
     sizes = ",".join(f"{h}x{w}" for h, w in POOL_SIZES)
-    command = [sys.executable, "-m", "netvlad_server", "--model", args.model, "--host",
-               "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--warmup-sizes", sizes,
-               "--precision", args.precision, *args.server_arg]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    target = f"127.0.0.1:{port}"
-    deadline = time.time() + 300
-    with grpc.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None or time.time() > deadline:
-                process.kill()
-                raise SystemExit(f"the server did not become SERVING; see {log_path}")
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return process, target
-            except grpc.RpcError:
-                pass
-            time.sleep(0.3)
+    server = ServerProcess(log_path, "--model", args.model, "--warmup-sizes", sizes,
+                           "--precision", args.precision, *args.server_arg, metrics_port=0)
+    try:
+        return server.wait_serving(timeout=300)
+    except ServerStartError as exc:
+        server.stop()
+        raise SystemExit(f"the server did not become SERVING: {exc}") from None
 
 
 def take_references(target: str, seed: int) -> tuple[dict[str, np.ndarray], int]:
@@ -341,32 +305,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     interval = args.interval or max(5.0, args.duration / 10)
     workdir = Path(tempfile.mkdtemp(prefix="netvlad-soak-"))
-    process, target = start_server(args, workdir / "server.log")
+    server = start_server(args, workdir / "server.log")
     clean_exit = False
     outs = [workdir / f"worker{i}.json" for i in range(args.workers)]
     try:
-        references, max_images = take_references(target, args.seed)
+        references, max_images = take_references(server.target, args.seed)
         context = multiprocessing.get_context("spawn")
         start = time.time() + 2.0  # every worker starts its clock together
         workers = [context.Process(target=worker, args=(
-            i, target, args, references, start, max_images, str(outs[i])))
+            i, server.target, args, references, start, max_images, str(outs[i])))
             for i in range(args.workers)]
-        for process_ in workers:
-            process_.start()
+        for process in workers:
+            process.start()
         rss: list[tuple[float, int]] = []
         while time.time() < start + args.duration:
-            rss.append((max(0.0, time.time() - start), rss_bytes(process.pid)))
+            rss.append((max(0.0, time.time() - start), rss_bytes(server.pid)))
             time.sleep(1.0)
-        for process_ in workers:
-            process_.join(120)
-        rss.append((args.duration, rss_bytes(process.pid)))
+        for process in workers:
+            process.join(120)
+        rss.append((args.duration, rss_bytes(server.pid)))
         records = [r for out in outs if out.exists() for r in json.loads(out.read_text())]
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            clean_exit = process.wait(120) == 0
-        except subprocess.TimeoutExpired:
-            process.kill()
+        clean_exit = server.stop(timeout=120) == 0
     report = summarise(records, rss, args, interval)
     report["references"] = {key: value.tolist() for key, value in references.items()}
     report["server_exit_clean"] = clean_exit

@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from netvlad_client.bench.harness import free_port
 
 
 @pytest.fixture(scope="session")

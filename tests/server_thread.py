@@ -11,11 +11,11 @@ import asyncio
 import dataclasses
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
+from netvlad_client.bench.harness import read_metrics
 from netvlad_server.config import ServerConfig
 from netvlad_server.main import NetVLADServer
 from netvlad_server.service import LoadedModel
@@ -84,9 +84,7 @@ class ServerThread:
 
     def metrics_text(self) -> str:
         """The /metrics page as served over HTTP."""
-        url = f"http://127.0.0.1:{self.config.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.read().decode()
+        return read_metrics(f"http://127.0.0.1:{self.config.metrics_port}/metrics")
 
     def __enter__(self) -> ServerThread:
         self._thread.start()

@@ -1,13 +1,17 @@
-"""netvlad-bench end to end on demo-tiny: real servers, real requests, valid JSON and PNG."""
+"""netvlad-bench end to end on demo-tiny (real servers and requests, JSON, PNG); its harness."""
 
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 
 import cv2
 import numpy as np
 import pytest
-from netvlad_server import bench
+from netvlad_client.bench import cli as bench
+from netvlad_client.bench import harness
 
 
 def small_run(tmp_path, *extra: str) -> tuple[dict, np.ndarray | None]:
@@ -75,3 +79,53 @@ def test_bench_refuses_bad_options(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_bench_without_the_server_package_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "netvlad_server.config", None)  # as if not installed
+    assert bench.main(["--size", "32x48", "--plot", ""]) == 2
+    err = capsys.readouterr().err
+    assert "reads --size" in err and "pip install 'netvlad-service[server]'" in err
+
+
+def test_bench_package_imports_neither_tensorflow_nor_the_server():
+    code = ("import sys, netvlad_client.bench.cli, netvlad_client.bench.harness; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('tensorflow', 'netvlad_server', 'cv2', 'matplotlib')))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert found == "[]"
+
+
+# ---------------------------------------------------------------- the shared harness
+
+def test_free_port_is_bindable_and_rss_is_read_from_proc():
+    port = harness.free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+    status = harness.proc_status()
+    assert harness.rss_bytes() > 10 * 2**20  # this Python process, in bytes
+    assert status["RssAnon"] + status["RssFile"] <= status["VmRSS"] + status.get("RssShmem", 0)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    with pytest.raises(FileNotFoundError):
+        harness.rss_bytes(child.pid)  # reaped: no /proc entry
+
+
+def test_metrics_samples_reads_names_labels_and_values():
+    text = ('# HELP netvlad_images_total Images.\n# TYPE netvlad_images_total counter\n'
+            'netvlad_images_total 12.0\n'
+            'netvlad_batch_size_bucket{class="bulk",le="2.0"} 3.0\n'
+            'netvlad_batch_size_bucket{le="+Inf"} 5.0\n')
+    assert harness.metrics_samples(text) == [
+        ("netvlad_images_total", {}, 12.0),
+        ("netvlad_batch_size_bucket", {"class": "bulk", "le": "2.0"}, 3.0),
+        ("netvlad_batch_size_bucket", {"le": "+Inf"}, 5.0)]
+
+
+def test_a_server_that_cannot_start_fails_with_its_log(tmp_path):
+    server = harness.ServerProcess(tmp_path / "server.log", "--max-batch-size", "0")
+    with pytest.raises(harness.ServerStartError,
+                       match=r"exited with 2(.|\n)*--max-batch-size: expected an integer"):
+        server.wait_serving(timeout=120)
+    assert server.stop() == 2

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import yaml
 from client_support import ServerProcess, random_image
-from conftest import free_port
 from netvlad_client import NetVLADClient, NetVLADRPCError
+from netvlad_client.bench.harness import free_port
 from netvlad_server.config import build_parser, config_from_values
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -17,7 +17,6 @@ import grpc
 import numpy as np
 import pytest
 from client_support import ServerProcess
-from conftest import free_port
 from hostile import (
     FORMATS,
     PICTURE,
@@ -33,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from netvlad_client._proto import netvlad_pb2 as pb
 from netvlad_client._proto import netvlad_pb2_grpc as pb_grpc
+from netvlad_client.bench.harness import free_port
 from netvlad_server.images import (
     ImageError,
     ImageLimits,
@@ -399,15 +399,6 @@ def test_fuzz_raw_bytes_to_a_real_server(fuzz_channel, data):
 
 # ---------------------------------------------------------------- memory under a barrage
 
-def _rss_bytes(pid: int) -> int:
-    """Resident set size of a process, from /proc."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS line")
-
-
 def _barrage(target: str) -> list[str]:
     """One round of hostile requests from 4 threads; returns unexpected outcomes (none wanted)."""
     bad: list[pb.DescribeImagesRequest] = []
@@ -448,11 +439,11 @@ def test_a_hostile_barrage_leaves_memory_flat_and_good_callers_served(tmp_path, 
                 GoodCaller(pb_grpc.DescriptorServiceStub(channel), network) as good:
             assert _barrage(server.target) == []  # warms allocator pools and caches
             time.sleep(1.0)
-            before = _rss_bytes(server.process.pid)
+            before = server.rss_bytes()
             for _ in range(3):
                 assert _barrage(server.target) == []
             time.sleep(1.0)
-            after = _rss_bytes(server.process.pid)
+            after = server.rss_bytes()
             assert server.process.poll() is None, server.tail()
         assert good.answers > 10
     finally:

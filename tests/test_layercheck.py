@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import reference_numpy as ref
 import scipy.io
-from netvlad_server.layercheck import FINAL_MAX_ABS, LAYER_MAX_ABS, write_stats
+from netvlad_server.layercheck import FINAL_MAX_ABS, LAYER_MAX_ABS
 from netvlad_server.models_cli import main
-from weightfiles import write_structed_mat
+from weightfiles import write_stats, write_structed_mat
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 from client_support import ServerProcess
-from conftest import free_port
 from hostile import raw_image
 from netvlad_client._proto import netvlad_pb2 as pb
 from netvlad_client._proto import netvlad_pb2_grpc as pb_grpc
+from netvlad_client.bench.harness import free_port
 from netvlad_server.batching import BatchingPolicy, DynamicBatcher
 from prometheus_client.parser import text_string_to_metric_families
 from server_thread import InstrumentedModel, ServerThread, tiny_config, wait_for

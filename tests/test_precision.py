@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 import pytest
 from client_support import ServerProcess, random_image
-from conftest import free_port
 from netvlad_client._proto import netvlad_pb2 as pb
 from netvlad_client._proto import netvlad_pb2_grpc as pb_grpc
+from netvlad_client.bench.harness import free_port
 from netvlad_server.config import parse_config
 from netvlad_server.main import load_model
 from netvlad_server.network import NetVLADNetwork

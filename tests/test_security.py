@@ -11,7 +11,6 @@ import grpc
 import numpy as np
 import pytest
 from client_support import ServerProcess, random_image, reference, write_png
-from conftest import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from netvlad_client import (
@@ -22,6 +21,7 @@ from netvlad_client import (
 )
 from netvlad_client._proto import netvlad_pb2 as pb
 from netvlad_client._proto import netvlad_pb2_grpc as pb_grpc
+from netvlad_client.bench.harness import free_port
 from netvlad_client.cli import main as client_main
 from netvlad_server.config import ConfigError, build_parser, config_from_values
 from netvlad_server.main import main as server_main

@@ -1,15 +1,19 @@
-"""Test helpers writing a weights dict in the formats users have: TF1 checkpoint, zip, .mat."""
+"""Test helpers writing a weights dict in the formats users have: TF1 checkpoint, zip, .mat.
+
+Also `write_stats`: one image's layer outputs as MATLAB's vl_simplenn saves them (compare-layers).
+"""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import scipy.io
+from netvlad_server.layercheck import to_matconvnet
 from netvlad_server.weights import CONV_LAYERS, POOL_AFTER, SCOPE
 
 OFFICIAL_NAME = "vd16_pitts30k_conv5_3_vlad_preL2_intra_white"
@@ -139,7 +143,7 @@ def matconvnet_layers(tensors: Mapping[str, np.ndarray]) -> list[dict]:
 def write_structed_mat(
     tensors: Mapping[str, np.ndarray], path: str | Path, layers: list[dict] | None = None
 ) -> Path:
-    """Write a structed MatConvNet .mat (SPEC 2b layout) from `tensors`, or from edited `layers`."""
+    """Write a structed MatConvNet .mat (docs/NETWORK.md) from `tensors` or edited `layers`."""
     path = Path(path)
     layers = matconvnet_layers(tensors) if layers is None else layers
     average = np.asarray(tensors["average_rgb"]).reshape(1, 1, 3)
@@ -149,3 +153,26 @@ def write_structed_mat(
     }
     scipy.io.savemat(path, {"net": net}, do_compression=False, oned_as="column")
     return path
+
+
+def write_stats(
+    path: str | Path,
+    image: np.ndarray,
+    outputs: Sequence[tuple[str, np.ndarray]],
+    input_in_outs: bool = False,
+) -> Path:
+    """Write a stats .mat as MATLAB would: `input` (mean-subtracted) and `outs`, single precision.
+
+    `outputs` are one image's (name, array) pairs in our layouts (layer_outputs without the
+    batch axis, or the NumPy reference); input_in_outs=True writes netvlad_tf's form instead.
+    """
+    image = np.asarray(image, np.float32)
+    outs = [to_matconvnet(name, np.asarray(a, np.float32)) for name, a in outputs]
+    if input_in_outs:
+        outs.insert(0, image)
+    cell = np.empty(len(outs), dtype=object)  # a MATLAB cell array
+    for i, array in enumerate(outs):
+        cell[i] = array
+    contents = {"outs": cell} if input_in_outs else {"input": image, "outs": cell}
+    scipy.io.savemat(path, contents, do_compression=False)
+    return Path(path)

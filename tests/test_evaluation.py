@@ -1,4 +1,4 @@
-"""Place-recognition evaluation (SPEC.md section 3) and `netvlad-client evaluate`.
+"""Place-recognition evaluation (docs/EVALUATION.md) and `netvlad-client evaluate`.
 
 Synthetic sequences whose answers are known by construction, hand-worked tiny cases for every
 step, a 5 000-frame memory check, the file readers against the real descriptor writer, and the
@@ -27,7 +27,7 @@ from netvlad_client.evaluation import (
     read_kitti_poses,
     read_positions,
 )
-from netvlad_client.outputs import write_descriptors
+from netvlad_client.formats import write_descriptors
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -90,7 +90,7 @@ def test_revisits_with_matching_descriptors_score_auc_one():
     ev = evaluate(descriptors, positions, EvaluationSettings(suppression=21, dims=32))
     assert ev.num_positives == places * laps  # the tail has no true revisit
     assert not ev.has_revisit[places * laps :].any()
-    assert ev.auc == pytest.approx(1.0, abs=1e-12)
+    assert ev.auc == pytest.approx(1 - 1 / (places * laps), abs=1e-12)
     assert ev.recall_at == {1: 1.0, 5: 1.0, 10: 1.0}
     # Every loop frame matched the same place on another lap; the tail comes last, all false.
     loop_match = ev.match[: places * laps]
@@ -163,8 +163,8 @@ def test_hand_worked_sequence_every_step():
     # Accepting T F T F T T: TP 1 1 2 2 3 4.
     np.testing.assert_allclose(ev.precision, [1, 1 / 2, 2 / 3, 2 / 4, 3 / 5, 4 / 6])
     np.testing.assert_allclose(ev.recall, [1 / 4, 1 / 4, 2 / 4, 2 / 4, 3 / 4, 1])
-    # AUC = 1/4 * (1 + 2/3 + 3/5 + 4/6)
-    assert ev.auc == pytest.approx(0.25 * (1 + 2 / 3 + 3 / 5 + 4 / 6))
+    # AUC = 1/4 * (2/3 + 3/5 + 4/6): the first accepted match adds no area
+    assert ev.auc == pytest.approx(0.25 * (2 / 3 + 3 / 5 + 4 / 6))
     assert ev.recall_at == {1: 1.0, 2: 1.0}
     assert ev.precision_at_recall([0.25, 0.5, 0.75, 1.0]) == pytest.approx(
         {0.25: 1.0, 0.5: 2 / 3, 0.75: 3 / 5, 1.0: 4 / 6}
@@ -515,7 +515,7 @@ def test_cli_subprocess_plain_positions_and_bin_descriptors(tmp_path):
     cmd += ["--dims", "all", "--suppression", "11", "--out", str(tmp_path / "o"), "--no-plots"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert auc_line(done.stdout) == pytest.approx(1.0)
+    assert auc_line(done.stdout) == pytest.approx(1 - 1 / 300)
     assert "recall@1: 1.0000" in done.stdout
     assert not (tmp_path / "o" / "pr_curve.png").exists()
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["settings"]["dims"] is None
@@ -604,7 +604,9 @@ def test_cli_environment_fallbacks(tmp_path, capsys, monkeypatch):
     }
     # A bad value is reported by `evaluate` only; the other subcommands still parse.
     monkeypatch.setenv("NETVLAD_EVAL_RADIUS", "five")
-    assert build_parser()[0].parse_args(["info"]).command == "info"
+    from netvlad_client.options import parse_args
+
+    assert parse_args(build_parser(), ["info"]).command == "info"
     with pytest.raises(SystemExit):
         cli_main(args)
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage lines
@@ -614,7 +616,7 @@ def test_cli_environment_fallbacks(tmp_path, capsys, monkeypatch):
 
 def test_evaluation_modules_import_neither_tensorflow_nor_matplotlib():
     code = (
-        "import sys, netvlad_client.evaluation, netvlad_client.evaluate_cli; "
+        "import sys, netvlad_client.evaluation, netvlad_client.cli.evaluate; "
         "print(sorted(m for m in ('tensorflow', 'matplotlib') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -1,4 +1,4 @@
-"""Place-recognition evaluation (SPEC.md section 3): precision-recall curve, AUC and recall@N.
+"""Place-recognition evaluation (docs/EVALUATION.md): precision-recall curve, AUC and recall@N.
 
 NumPy only, so it runs wherever the thin client runs; matplotlib is imported lazily inside the
 plotting functions. Distances are computed in row blocks so that memory stays bounded (a few tens
@@ -13,16 +13,19 @@ Definitions (the netvlad_tf / MATLAB KITTI test, made precise):
   ``|i - j| <= h`` (the diagonal included). ``w = 501`` suppresses pairs closer than 251 frames.
 * Best match of frame ``i``: the non-suppressed frame with the smallest squared Euclidean
   descriptor distance. Float32 matrix products only shortlist candidates; the shortlist is ranked
-  by exact float64 distances, and among equal distances the lowest frame index wins.
+  by float64 distances of the given values (as scipy's ``pdist`` computes them: float64 inputs
+  stay float64), and among equal distances the lowest frame index wins.
 * Ground truth of frame ``i``: the smallest position distance to any non-suppressed frame; the
   frame "has a true revisit" when that distance is below ``radius`` (strictly).
 * Frames are accepted in increasing match distance (stable sort: equal distances keep frame
   order). An accepted match is a true positive when the two positions are closer than ``radius``.
   Recall's denominator is the number of frames with a true revisit. Frames with no candidate at
   all (sequence shorter than the band) take no part.
-* AUC = sum over accepted matches of (recall step) x (precision after that step), the recall
-  starting from 0. (The reference code drops the very first step, which lowers its value by at
-  most 1 / number-of-revisits; a perfect ranking scores exactly 1 here.)
+* AUC (the reference's, netvlad_tf's ``precision_recall.evaluate`` and MATLAB's
+  ``evaluate_pr.m``): sum over accepted matches i = 2..n of (recall[i] - recall[i-1]) x
+  precision[i]; the first accepted match adds no area. ``auc_from_zero`` also counts that first
+  step (recall starting from 0), so a perfect ranking scores exactly 1 there and 1 - 1/P in the
+  reference's figure, P the number of frames with a true revisit.
 * recall@N: among frames with a true revisit, the fraction whose N nearest non-suppressed frames
   (by descriptor distance, ties by lowest index) include a true positive. recall@1 equals the
   final recall of the precision-recall curve.
@@ -30,8 +33,6 @@ Definitions (the netvlad_tf / MATLAB KITTI test, made precise):
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -41,6 +42,9 @@ from typing import Any
 
 import numpy as np
 
+from netvlad_client.formats import DescriptorFile, DescriptorFileError
+from netvlad_client.formats import read_descriptors as _read_file
+
 DEFAULT_DIMS = 128
 DEFAULT_RADIUS = 5.0
 DEFAULT_SUPPRESSION = 501
@@ -48,7 +52,6 @@ DEFAULT_RECALL_NS = (1, 5, 10)
 DEFAULT_RECALL_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # Distance-matrix entries held per row block: 2 M entries = 8 MB as float32 (peak ~ 5x that).
 BLOCK_ELEMENTS = 1 << 21
-DESCRIPTOR_SUFFIXES = (".npy", ".npz", ".csv", ".json", ".bin")
 _EPS32 = float(np.finfo(np.float32).eps)
 
 
@@ -58,7 +61,7 @@ class EvaluationError(ValueError):
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    """The knobs of SPEC section 3, validated once so every step can trust them."""
+    """The knobs of the evaluation, validated once so every step can trust them."""
 
     dims: int | None = None  # first n descriptor values; None = all
     renormalize: bool = False  # L2-normalise the truncated rows
@@ -99,7 +102,11 @@ def half_width(suppression: int) -> int:
 
 
 def select_dims(descriptors: np.ndarray, dims: int | None, renormalize: bool) -> np.ndarray:
-    """The first ``dims`` columns as contiguous float32, optionally re-normalised to unit length."""
+    """The first ``dims`` columns, optionally re-normalised to unit length.
+
+    Contiguous float64 when the input is float64 (so distances use the values as given, as the
+    reference's ``pdist`` does), float32 otherwise.
+    """
     x = np.asarray(descriptors)
     if dims is not None and x.ndim == 2:
         if dims > x.shape[1]:
@@ -108,15 +115,17 @@ def select_dims(descriptors: np.ndarray, dims: int | None, renormalize: bool) ->
                 f"only {x.shape[1]}; pass dims <= {x.shape[1]}"
             )
         x = x[:, :dims]
-    x = np.ascontiguousarray(check_descriptors(x), dtype=np.float32)
+    x = check_descriptors(x)
+    dtype = np.float64 if x.dtype == np.float64 else np.float32
+    x = np.ascontiguousarray(x, dtype=dtype)
     if renormalize:
         norms = np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x, dtype=np.float64), 1e-12))
-        x = (x / norms[:, None]).astype(np.float32)
+        x = (x / norms[:, None]).astype(dtype)
     return x
 
 
 def check_descriptors(descriptors: np.ndarray, source: str = "descriptors") -> np.ndarray:
-    """A 2-D finite float array of descriptors, one row per frame."""
+    """A 2-D finite real array of descriptors, one row per frame."""
     x = np.asarray(descriptors)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise EvaluationError(
@@ -195,10 +204,15 @@ def nearest_matches(
 
     Rows are sorted by distance, equal distances by lowest index; missing entries (fewer than k
     candidates) are -1 and inf. A float32 matrix product per row block finds a shortlist that
-    provably holds the exact k nearest (its error bound is added to the k-th value), and the
-    shortlist is ranked by exact float64 distances, so identical descriptors tie exactly.
+    provably holds the exact k nearest (its error bound, which also covers rounding float64
+    input to float32, is added to the k-th value), and the shortlist is ranked by float64
+    distances of the given values, so identical descriptors tie exactly.
     """
-    x = np.ascontiguousarray(descriptors, dtype=np.float32)
+    given = np.asarray(descriptors)
+    exact_values = np.ascontiguousarray(
+        given, dtype=np.float64 if given.dtype == np.float64 else np.float32
+    )
+    x = np.ascontiguousarray(given, dtype=np.float32)
     n, d = x.shape
     half = half_width(suppression)
     k = max(1, min(int(k), n))
@@ -219,7 +233,7 @@ def nearest_matches(
         rows, cols = np.nonzero(g <= limit[:, None])
         finite = np.isfinite(g[rows, cols])
         rows, cols = rows[finite] + r0, cols[finite]
-        exact = _pair_sqdist(x, rows, cols, block_elements)
+        exact = _pair_sqdist(exact_values, rows, cols, block_elements)
         order = np.lexsort((cols, exact, rows))
         rows, cols, exact = rows[order], cols[order], exact[order]
         starts = np.searchsorted(rows, np.arange(r0, r1))
@@ -252,7 +266,7 @@ def nearest_position_distances(
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Everything SPEC section 3 computes for one descriptor set, per frame and as a curve."""
+    """Everything the evaluation computes for one descriptor set, per frame and as a curve."""
 
     settings: EvaluationSettings
     neighbours: np.ndarray  # N x k frame indices of the k nearest matches, -1 = none
@@ -262,7 +276,8 @@ class Evaluation:
     order: np.ndarray  # M: frames (with a candidate) in acceptance order
     precision: np.ndarray  # M: after accepting order[:m+1]
     recall: np.ndarray  # M
-    auc: float
+    auc: float  # the reference's: the first accepted match adds no area
+    auc_from_zero: float  # recall starting from 0: the first step counted too
     recall_at: dict[int, float]
 
     @property
@@ -310,6 +325,7 @@ class Evaluation:
         s = self.settings
         return {
             "auc": self.auc,
+            "auc_from_zero": self.auc_from_zero,
             "frames": self.num_frames,
             "frames_with_candidate": len(self.order),
             "frames_with_true_revisit": self.num_positives,
@@ -335,7 +351,7 @@ def evaluate(
     *,
     block_elements: int = BLOCK_ELEMENTS,
 ) -> Evaluation:
-    """Run the whole SPEC section 3 evaluation of one descriptor set against positions."""
+    """Run the whole KITTI-style evaluation of one descriptor set against positions."""
     s = settings or EvaluationSettings()
     x = select_dims(descriptors, s.dims, s.renormalize)
     p = check_positions(positions)
@@ -366,10 +382,7 @@ def evaluate(
             f"Check the positions, or use a larger radius or a smaller suppression"
         )
     order = queries[np.argsort(distances[queries, 0], kind="stable")]
-    tp_cum = np.cumsum(is_true[order, 0])
-    precision = tp_cum / np.arange(1, len(order) + 1)
-    recall = tp_cum / positives
-    auc = float(np.sum(np.diff(recall, prepend=0.0) * precision))
+    precision, recall = precision_recall(is_true[order, 0], positives)
     recall_at = {
         int(m): float(np.count_nonzero(is_true[:, :m].any(axis=1)) / positives) for m in s.recall_ns
     }
@@ -382,9 +395,39 @@ def evaluate(
         order=order,
         precision=precision,
         recall=recall,
-        auc=auc,
+        auc=reference_auc(precision, recall),
+        auc_from_zero=auc_from_zero(precision, recall),
         recall_at=recall_at,
     )
+
+
+def precision_recall(accepted_true: np.ndarray, positives: int) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall after each accepted match (given in acceptance order).
+
+    ``accepted_true[i]`` says whether the i-th accepted match is a true positive; ``positives``
+    is recall's denominator (the frames with a true revisit).
+    """
+    if positives < 1:
+        raise EvaluationError(f"recall needs at least one true revisit; got {positives}")
+    tp_cum = np.cumsum(np.asarray(accepted_true, dtype=bool))
+    return tp_cum / np.arange(1, len(tp_cum) + 1), tp_cum / positives
+
+
+def reference_auc(precision: np.ndarray, recall: np.ndarray) -> float:
+    """The reference's area: sum over i = 2..n of (recall[i] - recall[i-1]) x precision[i].
+
+    What netvlad_tf's ``precision_recall.evaluate`` and MATLAB's ``evaluate_pr.m`` ("const
+    interpolation") compute: the first accepted match adds no area.
+    """
+    return float(np.sum(np.diff(recall) * precision[1:]))
+
+
+def auc_from_zero(precision: np.ndarray, recall: np.ndarray) -> float:
+    """The area with recall starting from 0: the reference's plus recall[1] x precision[1].
+
+    A perfect ranking scores exactly 1 here (1 - 1/P in the reference's figure).
+    """
+    return reference_auc(precision, recall) + float(recall[0] * precision[0])
 
 
 @dataclass(frozen=True)
@@ -495,7 +538,6 @@ def plot_confusion(
 # --------------------------------------------------------------------------- file readers
 
 _SPLIT = re.compile(r"[,\s]+")
-_Read = tuple[np.ndarray, "list[str] | None"]  # values, names
 
 
 def _number_rows(path: Path, what: str) -> list[tuple[int, list[float]]]:
@@ -563,143 +605,18 @@ def read_positions(path: str | Path) -> np.ndarray:
     return check_positions(np.array([v for _, v in rows]), f"positions file {p}")
 
 
-@dataclass(frozen=True)
-class DescriptorFile:
-    """Descriptors read from a file, with the image names when the format carries them."""
-
-    path: Path
-    values: np.ndarray  # N x D float32
-    names: list[str] | None
-
-
 def read_descriptors(
     path: str | Path, *, bin_dims: int | None = None, bin_count: int | None = None
 ) -> DescriptorFile:
     """Read a descriptor file written by ``netvlad-client describe --out`` (by its suffix).
 
-    ``.bin`` is raw little-endian float32, one descriptor after another (MATLAB reads it as
-    ``fread(f, [D, Inf], 'float32')``); its dims come from ``bin_dims`` or from ``bin_count``
-    (the number of frames) when only that is known.
+    The formats are those of `netvlad_client.formats` (the registry `describe` writes with);
+    ``.bin`` is raw float32 whose dims come from ``bin_dims``, or from ``bin_count`` (the number
+    of frames) when only that is known. The values are checked as the evaluation needs them.
     """
-    p = Path(path)
-    suffix = p.suffix.lower()
-    if suffix not in DESCRIPTOR_SUFFIXES:
-        raise EvaluationError(
-            f"descriptor file {p}: unknown format {suffix or '(no suffix)'}; expected one of "
-            f"{', '.join(DESCRIPTOR_SUFFIXES)}"
-        )
-    if not p.is_file():
-        raise EvaluationError(f"descriptor file {p} does not exist")
     try:
-        values, names = _READERS[suffix](p, bin_dims, bin_count)
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-        if isinstance(exc, EvaluationError):
-            raise
-        raise EvaluationError(f"descriptor file {p}: cannot read it as {suffix}: {exc}") from exc
-    values = check_descriptors(values, f"descriptor file {p}").astype(np.float32, copy=False)
-    if names is not None and len(names) != len(values):
-        raise EvaluationError(
-            f"descriptor file {p}: {len(names)} names for {len(values)} descriptors"
-        )
-    return DescriptorFile(p, values, names)
-
-
-def _read_npy(p: Path, _dims: int | None, _count: int | None) -> _Read:
-    """A plain (N, D) array."""
-    return np.load(p, allow_pickle=False), None
-
-
-def _read_npz(p: Path, _dims: int | None, _count: int | None) -> _Read:
-    """An archive with a ``descriptors`` array and optionally ``names``."""
-    with np.load(p, allow_pickle=False) as archive:
-        if "descriptors" not in archive.files:
-            raise EvaluationError(
-                f"descriptor file {p}: no 'descriptors' array in it (it holds: "
-                f"{', '.join(archive.files) or 'nothing'})"
-            )
-        names = [str(n) for n in archive["names"]] if "names" in archive.files else None
-        return archive["descriptors"], names
-
-
-def _read_csv(p: Path, _dims: int | None, _count: int | None) -> _Read:
-    """Rows of numbers, optionally a header row and a leading name column."""
-    with p.open(newline="") as f:
-        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
-    if not rows:
-        raise EvaluationError(f"descriptor file {p} is empty")
-    if not all(_is_number(c) for c in rows[0][1:]):
-        rows = rows[1:]
-    if not rows:
-        raise EvaluationError(f"descriptor file {p} holds a header but no descriptors")
-    named = not _is_number(rows[0][0])
-    names = [r[0] for r in rows] if named else None
-    start = 1 if named else 0
-    width = len(rows[0]) - start
-    for lineno, r in enumerate(rows, start=1):
-        if len(r) - start != width:
-            raise EvaluationError(
-                f"descriptor file {p} data row {lineno}: {len(r) - start} values, expected {width}"
-            )
-    return np.array([[float(c) for c in r[start:]] for r in rows], dtype=np.float64), names
-
-
-def _read_json(p: Path, _dims: int | None, _count: int | None) -> _Read:
-    """A list of rows, ``{"descriptors": [...], "names": [...]}`` or a list of records."""
-    data = json.loads(p.read_text())
-    names: list[str] | None = None
-    if isinstance(data, dict):
-        if "descriptors" not in data:
-            raise EvaluationError(
-                f"descriptor file {p}: JSON object without a 'descriptors' list "
-                f"(keys: {', '.join(map(str, data)) or 'none'})"
-            )
-        if data.get("names") is not None:
-            names = [str(n) for n in data["names"]]
-        data = data["descriptors"]
-    if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
-        key = next((k for k in ("values", "descriptor") if k in data[0]), None)
-        if key is None:
-            raise EvaluationError(
-                f"descriptor file {p}: records need a 'values' or 'descriptor' list"
-            )
-        name_key = next((k for k in ("id", "name", "path") if k in data[0]), None)
-        names = [str(r[name_key]) for r in data] if name_key else None
-        data = [r[key] for r in data]
-    return np.array(data, dtype=np.float64), names
-
-
-def _read_bin(p: Path, dims: int | None, count: int | None) -> _Read:
-    """Raw little-endian float32; the shape comes from the dims or the frame count."""
-    size = p.stat().st_size
-    if size % 4:
-        raise EvaluationError(
-            f"descriptor file {p}: {size} bytes is not a whole number of float32 values"
-        )
-    total = size // 4
-    if dims is None:
-        if count is None:
-            raise EvaluationError(
-                f"descriptor file {p}: a raw .bin file does not record its shape; give the "
-                f"number of dimensions (--dims-of-bin) or the positions"
-            )
-        if count < 1 or total % count:
-            raise EvaluationError(
-                f"descriptor file {p}: {total} float32 values do not split into {count} "
-                f"descriptors (one per position); check the files or give --dims-of-bin"
-            )
-        dims = total // count
-    elif dims < 1 or total % dims:
-        raise EvaluationError(
-            f"descriptor file {p}: {total} float32 values are not a whole number of "
-            f"{dims}-dimensional descriptors"
-        )
-    return np.fromfile(p, dtype="<f4").reshape(-1, dims), None
-
-
-_READERS = {
-    ".npy": _read_npy,
-    ".npz": _read_npz,
-    ".csv": _read_csv,
-    ".json": _read_json,
-    ".bin": _read_bin,
-}
+        loaded = _read_file(path, dims=bin_dims, count=bin_count)
+    except DescriptorFileError as exc:
+        raise EvaluationError(str(exc)) from None
+    values = check_descriptors(loaded.values, f"descriptor file {loaded.path}")
+    return DescriptorFile(loaded.path, values.astype(np.float32, copy=False), loaded.names)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 from netvlad_server.batching import (
@@ -13,6 +13,7 @@ from netvlad_server.batching import (
     BatchingPolicy,
     DeadlineExpiredError,
     DynamicBatcher,
+    PriorityClass,
     QueueFullError,
 )
 
@@ -55,15 +56,19 @@ class Observer:
 
     def __init__(self) -> None:
         self.depths: list[int] = []
+        self.class_depths: list[dict[str, int]] = []
+        self.classes: list[str] = []
         self.sizes: list[int] = []
         self.failed: list[bool] = []
 
-    def queue_depth(self, depth: int) -> None:
-        self.depths.append(depth)
+    def queue_depth(self, depths: Mapping[str, int]) -> None:
+        self.depths.append(sum(depths.values()))
+        self.class_depths.append(dict(depths))
 
-    def batch_done(self, size: int, queue_waits: Sequence[float], run_seconds: float,
-                   failed: bool) -> None:
+    def batch_done(self, class_name: str, size: int, queue_waits: Sequence[float],
+                   run_seconds: float, failed: bool) -> None:
         assert len(queue_waits) == size and run_seconds >= 0
+        self.classes.append(class_name)
         self.sizes.append(size)
         self.failed.append(failed)
 
@@ -104,7 +109,7 @@ def test_each_caller_gets_its_own_result_in_batches_of_one_key():
     for batch in run.batches:
         assert len({key for key, _ in batch}) == 1, f"keys mixed in {batch}"
     assert observer.sizes == [4, 4] and observer.failed == [False, False]
-    assert observer.depths[-1] == 0
+    assert observer.depths[-1] == 0 and observer.classes == ["default", "default"]
 
 
 def test_batches_never_exceed_max_batch_size():
@@ -327,3 +332,144 @@ def test_submit_before_start_is_refused_and_bad_policies_rejected():
         batcher.submit([("k", 1)])
     with pytest.raises(ValueError, match="invalid batching policy"):
         BatchingPolicy(max_batch_size=0)
+
+
+def two_classes(run: Recorder, observer: Observer | None = None, **policy: object
+                ) -> DynamicBatcher:
+    """A started batcher with classes "hi" (ahead) and "lo", 4 places each unless given."""
+    sizes = policy.pop("sizes", (4, 4))
+    classes = (PriorityClass("hi", sizes[0]), PriorityClass("lo", sizes[1]))
+    batcher = DynamicBatcher(run, BatchingPolicy(classes=classes, **policy), observer=observer)
+    batcher.start()
+    return batcher
+
+
+def submit_in(batcher: DynamicBatcher, priority: str, key: str, *values: int,
+              timeout: float | None = None):
+    """Submit values under one key in one class."""
+    return batcher.submit([(key, (key, value)) for value in values], timeout=timeout,
+                          priority=priority)
+
+
+def test_a_higher_class_runs_ahead_of_older_lower_class_work():
+    async def scenario():
+        run = Recorder()
+        batcher = two_classes(run, max_batch_size=2, max_queue_delay=0.0)
+        run.gate.clear()
+        busy = submit_in(batcher, "lo", "x", 0)
+        await wait_entered(run)
+        low = submit_in(batcher, "lo", "a", 1, 2) + submit_in(batcher, "lo", "b", 3)
+        high = submit_in(batcher, "hi", "c", 4) + submit_in(batcher, "hi", "a", 5, 6)
+        run.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*busy, *low, *high), 10)
+        await batcher.close()
+        return run, results
+
+    run, results = asyncio.run(scenario())
+    assert results == [0, 10, 20, 30, 40, 50, 60]
+    # Within a class the oldest ready key first; keys and classes never share a batch.
+    assert [[v for _, v in batch] for batch in run.batches] == [[0], [4], [5, 6], [1, 2], [3]]
+
+
+def test_each_class_has_its_own_budget():
+    async def scenario():
+        run = Recorder()
+        batcher = two_classes(run, max_batch_size=1, max_queue_delay=0.0, sizes=(2, 3))
+        run.gate.clear()
+        busy = submit_in(batcher, "lo", "k", 0)
+        await wait_entered(run)
+        low = submit_in(batcher, "lo", "k", 1, 2, 3)
+        with pytest.raises(QueueFullError, match="the lo queue holds 3 of 3 items"):
+            submit_in(batcher, "lo", "k", 4)
+        high = submit_in(batcher, "hi", "k", 5, 6)  # the full lo queue refuses nothing of hi
+        with pytest.raises(QueueFullError, match="the hi queue holds 2 of 2 items"):
+            submit_in(batcher, "hi", "k", 7)
+        assert batcher.depths == {"hi": 2, "lo": 3} and batcher.depth == 5
+        with pytest.raises(ValueError, match="class 'mid'; the batcher has hi, lo"):
+            submit_in(batcher, "mid", "k", 8)
+        run.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*busy, *low, *high), 10)
+        await batcher.close()
+        return run, results
+
+    run, results = asyncio.run(scenario())
+    assert results == [0, 10, 20, 30, 50, 60]
+    assert run.values_run == [0, 5, 6, 1, 2, 3]
+
+
+def test_a_waiting_lower_class_runs_after_max_skips_higher_batches():
+    async def scenario():
+        run = Recorder()
+        batcher = two_classes(run, max_batch_size=1, max_queue_delay=0.0, max_skips=2,
+                              sizes=(8, 8))
+        run.gate.clear()
+        busy = submit_in(batcher, "hi", "k", 0)
+        await wait_entered(run)
+        low = submit_in(batcher, "lo", "k", 100, 101)
+        high = submit_in(batcher, "hi", "k", 1, 2, 3, 4, 5, 6)
+        run.gate.set()
+        await asyncio.wait_for(asyncio.gather(*busy, *low, *high), 10)
+        await batcher.close()
+        return run
+
+    # While lo has a ready batch, at most two hi batches run in a row.
+    assert asyncio.run(scenario()).values_run == [0, 1, 2, 100, 3, 4, 101, 5, 6]
+
+
+def test_a_higher_partial_batch_does_not_wait_out_the_delay_while_lower_work_is_ready():
+    async def scenario():
+        run = Recorder()
+        batcher = two_classes(run, max_batch_size=2, max_queue_delay=60.0)
+        run.gate.clear()
+        busy = submit_in(batcher, "lo", "k", 0, 1)  # a full batch runs at once
+        await wait_entered(run)
+        low = submit_in(batcher, "lo", "k", 2, 3)  # full: ready
+        high = submit_in(batcher, "hi", "k", 4)  # partial: would wait 60 s on an idle model
+        run.gate.set()
+        await asyncio.wait_for(asyncio.gather(*busy, *low, *high), 10)
+        await batcher.close()
+        return run
+
+    assert [[v for _, v in batch] for batch in asyncio.run(scenario()).batches] == [
+        [0, 1], [4], [2, 3]]
+
+
+def test_deadlines_cancellation_and_observer_per_class():
+    async def scenario():
+        run, observer = Recorder(), Observer()
+        batcher = two_classes(run, observer, max_batch_size=4, max_queue_delay=0.0)
+        run.gate.clear()
+        busy = submit_in(batcher, "hi", "k", 0)
+        await wait_entered(run)
+        expiring = [submit_in(batcher, name, "k", value, timeout=0.05)[0]
+                    for name, value in (("hi", 1), ("lo", 2))]
+        cancelled = [submit_in(batcher, name, "k", value)[0] for name, value in (("hi", 3),
+                                                                                ("lo", 4))]
+        kept = submit_in(batcher, "lo", "k", 5)
+        for future in cancelled:
+            future.cancel()
+        await asyncio.sleep(0.2)
+        assert batcher.depths == {"hi": 1, "lo": 2}  # cancelled items left, expired wait
+        run.gate.set()
+        for future in expiring:
+            with pytest.raises(DeadlineExpiredError):
+                await asyncio.wait_for(future, 10)
+        results = await asyncio.wait_for(asyncio.gather(*busy, *kept), 10)
+        await batcher.close()
+        return run, observer, results
+
+    run, observer, results = asyncio.run(scenario())
+    assert results == [0, 50] and run.values_run == [0, 5]
+    assert observer.classes == ["hi", "lo"] and observer.sizes == [1, 1]
+    assert {"hi": 2, "lo": 3} in observer.class_depths
+    assert observer.class_depths[-1] == {"hi": 0, "lo": 0}
+
+
+def test_bad_priority_classes_are_rejected():
+    with pytest.raises(ValueError, match="distinct names"):
+        BatchingPolicy(classes=(PriorityClass("a", 1), PriorityClass("a", 2)))
+    with pytest.raises(ValueError, match="queue budgets of at least 1"):
+        BatchingPolicy(classes=(PriorityClass("a", 0),))
+    with pytest.raises(ValueError, match="max_skips"):
+        BatchingPolicy(max_skips=-1)
+    assert BatchingPolicy(max_queue_size=5).priority_classes == (PriorityClass("default", 5),)

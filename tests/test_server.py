@@ -12,11 +12,11 @@ import grpc
 import numpy as np
 import pytest
 from client_support import ServerProcess
-from conftest import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from netvlad_client._proto import netvlad_pb2 as pb
 from netvlad_client._proto import netvlad_pb2_grpc as pb_grpc
+from netvlad_client.bench.harness import free_port
 from netvlad_server.service import SERVICE_NAME, encode_describe_response, encode_stream_response
 from prometheus_client.parser import text_string_to_metric_families
 from server_thread import InstrumentedModel, ServerThread, tiny_config, wait_for
@@ -155,7 +155,7 @@ BAD_INPUTS = {
     "empty": (lambda: [raw(picture()), pb.Image(id="bad", encoded=b"")],
               {}, ["image 1 (id 'bad')", "empty (0 bytes)"]),
     "unknown format": (lambda: [pb.Image(id="bad", encoded=b"GIF89a" + bytes(30))],
-                       {}, ["image 0 (id 'bad')", "not a JPEG, PNG, BMP, TIFF, WebP file"]),
+                       {}, ["image 0 (id 'bad')", "not a JPEG, PNG, BMP, TIFF, WebP, PNM file"]),
     "too small": (lambda: [raw(picture()), raw(picture(8, 40), "bad")],
                   {}, ["image 1 (id 'bad')", "image is 8x40; both sides must be at least 16"]),
     "bomb by header": (lambda: [pb.Image(id="bad", encoded=_png_declaring(100_000, 100_000))],
@@ -341,7 +341,7 @@ def test_a_full_queue_is_marked_busy_and_clients_retry_until_it_drains(tiny_mode
 
 
 def test_only_unavailable_and_a_full_queue_are_retried():
-    from netvlad_client.client import _retryable
+    from netvlad_client.retry import is_retryable as _retryable
 
     class Failure(grpc.RpcError):
         def __init__(self, code, trailers=()):
@@ -533,8 +533,7 @@ def test_sigterm_drains_admitted_requests_and_exits_zero(tmp_path, network):
     log = tmp_path / "server.log"
     server = ServerProcess(free_port(), free_port(), log, "--warmup-sizes", "",
                            "--max-batch-size", "4", "--max-queue-delay-ms", "20",
-                           "--max-queue-size", "256", "--max-images-per-request", "8",
-                           as_module=True)
+                           "--max-queue-size", "256", "--max-images-per-request", "8")
     process, metrics_port = server.process, server.metrics_port
     try:
         server.wait_serving()

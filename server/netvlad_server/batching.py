@@ -6,13 +6,31 @@ holds items of one key only. The knobs are named as in Triton's dynamic batcher:
 - `max_batch_size`: most items per call of `run`;
 - `max_queue_delay`: once an item is queued, how long (seconds) to wait for more items of its key
   before running a partial batch; a full batch runs at once;
-- `max_queue_size`: most items waiting (not yet running); `submit` beyond it raises QueueFullError
-  immediately rather than letting callers pile up.
+- `max_queue_size`: most items waiting (not yet running) in one priority class; `submit` beyond
+  it raises QueueFullError immediately rather than letting callers pile up.
 
-`run` is called on one dedicated worker thread, never concurrently and never on the event loop.
-Among keys whose batch is ready (full, or its oldest item has waited `max_queue_delay`), the key
-holding the oldest item goes first. Cancelled items leave the queue at once; items whose deadline
-passed are dropped before `run` sees them. `close()` stops admissions and finishes admitted work.
+Priority classes (`BatchingPolicy.classes`, highest first; one class unless configured) are data
+on the submitted work: each submit names its class. Each class has its own queue budget, so a
+full low class never refuses work of another class. A batch holds items of one key and one class.
+
+`run` is called on one dedicated worker thread, never concurrently and never on the event loop,
+and a batch that started always finishes. When the worker is free, the next batch is chosen so:
+
+1. Starvation guard: a class that has a ready batch (full, or its oldest item has waited
+   `max_queue_delay`, or the batcher is closing) and was passed over `max_skips` times in a row
+   runs now. So while a lower class has a ready batch, at most `max_skips` batches of higher
+   classes run before one of its batches does: it gets at least 1 / (max_skips + 1) of the
+   batches however busy the higher classes are.
+2. Otherwise the highest class holding any item goes. Its ready key holding the oldest item
+   runs; if none of its keys is ready yet but a lower class has a ready batch, its oldest key
+   runs at once as a partial batch (waiting out the delay would leave the model idle or hand
+   it to the lower class for a whole batch); if nothing anywhere is ready, the scheduler sleeps
+   until the first key becomes ready.
+
+Passing over a class that has a ready batch counts as one skip for it; running one of its
+batches, or having nothing queued, resets its count. Cancelled items leave the queue at once;
+items whose deadline passed are dropped before `run` sees them. `close()` stops admissions and
+finishes admitted work.
 """
 
 from __future__ import annotations
@@ -21,7 +39,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -48,36 +66,77 @@ class BatchFailedError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class PriorityClass:
+    """One priority class: its name (what submit and the observer call it) and queue budget."""
+
+    name: str
+    max_queue_size: int
+
+
+@dataclass(frozen=True)
 class BatchingPolicy:
-    """The batcher's knobs (Triton names); max_queue_delay is in seconds."""
+    """The batcher's knobs (Triton names); max_queue_delay is in seconds.
+
+    `classes` lists the priority classes, highest first; empty means one class named "default"
+    with `max_queue_size` as its budget. `max_skips` is the starvation guard's bound (see the
+    module docstring).
+    """
 
     max_batch_size: int = 8
     max_queue_delay: float = 0.005
     max_queue_size: int = 64
+    classes: tuple[PriorityClass, ...] = ()
+    max_skips: int = 4
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay < 0:
             raise ValueError(f"invalid batching policy {self}")
+        if self.max_skips < 0:
+            raise ValueError(f"invalid batching policy {self}: max_skips must be at least 0")
+        names = [cls.name for cls in self.classes]
+        if len(set(names)) != len(names) or any(cls.max_queue_size < 1 for cls in self.classes):
+            raise ValueError(f"invalid batching policy {self}: priority classes need distinct "
+                             "names and queue budgets of at least 1")
+
+    @property
+    def priority_classes(self) -> tuple[PriorityClass, ...]:
+        """The classes in force, highest first."""
+        return self.classes or (PriorityClass("default", self.max_queue_size),)
 
 
 class BatchObserver(Protocol):
     """Receives what a monitoring system wants to know; called on the event loop thread."""
 
-    def queue_depth(self, depth: int) -> None:
-        """The number of queued items changed."""
+    def queue_depth(self, depths: Mapping[str, int]) -> None:
+        """The number of queued items changed; depths holds every class's count."""
 
-    def batch_done(self, size: int, queue_waits: Sequence[float], run_seconds: float,
-                   failed: bool) -> None:
-        """A batch of `size` items ran for run_seconds after each item waited queue_waits[i]."""
+    def batch_done(self, class_name: str, size: int, queue_waits: Sequence[float],
+                   run_seconds: float, failed: bool) -> None:
+        """A batch of `size` items of one class ran for run_seconds after each waited
+        queue_waits[i]."""
+
+
+class _Class(Generic[ItemT, ResultT]):
+    """The queues of one priority class: per-key deques, its depth and its skip count."""
+
+    __slots__ = ("depth", "limit", "name", "queues", "skips")
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self.queues: dict[Hashable, collections.deque[_Entry[ItemT, ResultT]]] = {}
+        self.depth = 0
+        self.skips = 0
 
 
 class _Entry(Generic[ItemT, ResultT]):
-    """One queued item with its caller's future."""
+    """One queued item with its caller's future and its class."""
 
-    __slots__ = ("deadline", "enqueued", "future", "item", "key", "queued")
+    __slots__ = ("cls", "deadline", "enqueued", "future", "item", "key", "queued")
 
-    def __init__(self, key: Hashable, item: ItemT, future: asyncio.Future[ResultT],
-                 enqueued: float, deadline: float | None) -> None:
+    def __init__(self, cls: _Class[ItemT, ResultT], key: Hashable, item: ItemT,
+                 future: asyncio.Future[ResultT], enqueued: float, deadline: float | None) -> None:
+        self.cls = cls
         self.key = key
         self.item = item
         self.future = future
@@ -102,7 +161,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self.policy = policy
         self._observer = observer
         self._thread_name = thread_name
-        self._queues: dict[Hashable, collections.deque[_Entry[ItemT, ResultT]]] = {}
+        self._classes: list[_Class[ItemT, ResultT]] = [
+            _Class(cls.name, cls.max_queue_size) for cls in policy.priority_classes]
+        self._by_name = {cls.name: cls for cls in self._classes}
         self._depth = 0
         self._closing = False
         self._wake: asyncio.Future[None] | None = None
@@ -112,8 +173,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     @property
     def depth(self) -> int:
-        """Items queued and not yet running."""
+        """Items queued and not yet running, all classes together."""
         return self._depth
+
+    @property
+    def depths(self) -> dict[str, int]:
+        """Items queued and not yet running, by class."""
+        return {cls.name: cls.depth for cls in self._classes}
 
     @property
     def accepting(self) -> bool:
@@ -138,20 +204,28 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 self._on_stopped(task.exception())
 
     def submit(
-        self, items: Sequence[tuple[Hashable, ItemT]], timeout: float | None = None
+        self, items: Sequence[tuple[Hashable, ItemT]], timeout: float | None = None,
+        priority: str | None = None,
     ) -> list[asyncio.Future[ResultT]]:
         """Queue (key, item) pairs all together or none; return one future per item, in order.
 
-        Raises QueueFullError when they do not all fit, BatcherClosedError when draining. With
-        `timeout` (seconds), items still queued after it are dropped with DeadlineExpiredError.
-        Cancelling a returned future removes its item from the queue.
+        `priority` names the class the items queue in (None: the highest class). Raises
+        QueueFullError when they do not all fit in that class's budget, BatcherClosedError when
+        draining, ValueError for an unknown class. With `timeout` (seconds), items still queued
+        after it are dropped with DeadlineExpiredError. Cancelling a returned future removes
+        its item from the queue.
         """
+        cls = self._classes[0] if priority is None else self._by_name.get(priority)
+        if cls is None:
+            raise ValueError(f"unknown priority class {priority!r}; the batcher has "
+                             f"{', '.join(self._by_name)}")
         if not self.accepting:
             raise BatcherClosedError("the batcher is not accepting work (stopped or draining)")
-        if self._depth + len(items) > self.policy.max_queue_size:
+        if cls.depth + len(items) > cls.limit:
+            queue_name = f"the {cls.name} queue" if len(self._classes) > 1 else "the queue"
             raise QueueFullError(
-                f"the queue holds {self._depth} of {self.policy.max_queue_size} items and cannot "
-                f"take {len(items)} more; retry later")
+                f"{queue_name} holds {cls.depth} of {cls.limit} items and cannot take "
+                f"{len(items)} more; retry later")
         assert self._loop is not None
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
@@ -159,15 +233,15 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         wake = self._depth == 0
         for key, item in items:
             future: asyncio.Future[ResultT] = self._loop.create_future()
-            entry = _Entry(key, item, future, now, deadline)
+            entry = _Entry(cls, key, item, future, now, deadline)
             future.add_done_callback(lambda _f, e=entry: self._forget(e))
-            queue = self._queues.get(key)
+            queue = cls.queues.get(key)
             if queue is None:
-                queue = self._queues[key] = collections.deque()
+                queue = cls.queues[key] = collections.deque()
             queue.append(entry)
             wake = wake or len(queue) == self.policy.max_batch_size
             futures.append(future)
-        self._set_depth(self._depth + len(items))
+        self._add_depth(cls, len(items))
         if wake:
             self._wake_scheduler()
         return futures
@@ -181,23 +255,25 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    def _set_depth(self, depth: int) -> None:
-        """Record the queue depth and tell the observer."""
-        self._depth = depth
+    def _add_depth(self, cls: _Class[ItemT, ResultT], change: int) -> None:
+        """Record a change of one class's queue depth and tell the observer."""
+        cls.depth += change
+        self._depth += change
         if self._observer is not None:
-            self._observer.queue_depth(depth)
+            self._observer.queue_depth(self.depths)
 
     def _forget(self, entry: _Entry[ItemT, ResultT]) -> None:
         """Done-callback: a future finished while queued (cancelled), so its place frees now."""
         if not entry.queued:
             return
         entry.queued = False
-        queue = self._queues.get(entry.key)
+        queues = entry.cls.queues
+        queue = queues.get(entry.key)
         if queue is not None:
             queue.remove(entry)
             if not queue:
-                del self._queues[entry.key]
-        self._set_depth(self._depth - 1)
+                del queues[entry.key]
+        self._add_depth(entry.cls, -1)
 
     def _wake_scheduler(self) -> None:
         """Resolve the future the scheduler sleeps on, if it sleeps."""
@@ -218,11 +294,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if timer is not None:
                 timer.cancel()
 
-    def _next_key(self, now: float) -> tuple[Hashable | None, float | None]:
-        """The key to run now (oldest among ready keys), or None and the wait until one is ready."""
+    def _ready_key(self, cls: _Class[ItemT, ResultT], now: float) -> tuple[Hashable | None,
+                                                                          float | None]:
+        """The class's ready key holding the oldest item (or None), and when the next is ready."""
         best_key, best_time = None, None
         soonest = None
-        for key, queue in self._queues.items():
+        for key, queue in cls.queues.items():
             oldest = queue[0].enqueued
             ready_at = oldest + self.policy.max_queue_delay
             if self._closing or len(queue) >= self.policy.max_batch_size or ready_at <= now:
@@ -230,13 +307,43 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     best_key, best_time = key, oldest
             elif soonest is None or ready_at < soonest:
                 soonest = ready_at
-        if best_key is not None:
-            return best_key, None
-        return None, None if soonest is None else soonest - now
+        return best_key, soonest
 
-    def _take(self, key: Hashable, now: float) -> list[_Entry[ItemT, ResultT]]:
-        """Pop up to max_batch_size live entries of `key`; fail the expired ones."""
-        queue = self._queues[key]
+    def _next_batch(
+        self, now: float
+    ) -> tuple[_Class[ItemT, ResultT] | None, Hashable | None, float | None]:
+        """(class, key) to run now by the rules of the module docstring, or the wait until one."""
+        ready: list[Hashable | None] = []
+        soonest = None
+        for cls in self._classes:
+            key, ready_at = self._ready_key(cls, now)
+            ready.append(key)
+            if ready_at is not None and (soonest is None or ready_at < soonest):
+                soonest = ready_at
+            if not cls.queues:
+                cls.skips = 0
+        chosen = next((i for i, cls in enumerate(self._classes)
+                       if ready[i] is not None and cls.skips >= self.policy.max_skips), None)
+        if chosen is None:
+            chosen = next((i for i, cls in enumerate(self._classes) if cls.queues), None)
+            if chosen is None:
+                return None, None, None
+            if ready[chosen] is None:
+                if all(key is None for key in ready[chosen + 1:]):
+                    return None, None, None if soonest is None else soonest - now
+                queues = self._classes[chosen].queues
+                ready[chosen] = min(queues, key=lambda k: queues[k][0].enqueued)
+        for i, cls in enumerate(self._classes):
+            if i == chosen:
+                cls.skips = 0
+            elif i > chosen and ready[i] is not None:
+                cls.skips += 1
+        return self._classes[chosen], ready[chosen], None
+
+    def _take(self, cls: _Class[ItemT, ResultT], key: Hashable,
+              now: float) -> list[_Entry[ItemT, ResultT]]:
+        """Pop up to max_batch_size live entries of `key` in `cls`; fail the expired ones."""
+        queue = cls.queues[key]
         batch: list[_Entry[ItemT, ResultT]] = []
         taken = 0
         while queue and len(batch) < self.policy.max_batch_size:
@@ -252,25 +359,25 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             else:
                 batch.append(entry)
         if not queue:
-            del self._queues[key]
-        self._set_depth(self._depth - taken)
+            del cls.queues[key]
+        self._add_depth(cls, -taken)
         return batch
 
     async def _schedule(self) -> None:
-        """Wait for a ready key, run its batch, repeat; return once closed and empty."""
+        """Wait for a batch to choose, run it, repeat; return once closed and empty."""
         while True:
             now = time.monotonic()
-            key, wait = self._next_key(now)
-            if key is None:
-                if self._closing and not self._queues:
+            cls, key, wait = self._next_batch(now)
+            if cls is None:
+                if self._closing and not self._depth:
                     return
                 await self._sleep(wait)
                 continue
-            batch = self._take(key, now)
+            batch = self._take(cls, key, now)
             if batch:
-                await self._execute(batch)
+                await self._execute(cls.name, batch)
 
-    async def _execute(self, batch: list[_Entry[ItemT, ResultT]]) -> None:
+    async def _execute(self, class_name: str, batch: list[_Entry[ItemT, ResultT]]) -> None:
         """Run one batch on the worker thread and hand each caller its result (or the error)."""
         assert self._loop is not None and self._executor is not None
         items = [entry.item for entry in batch]
@@ -296,4 +403,5 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 error.__cause__ = cause
                 entry.future.set_exception(error)
         if self._observer is not None:
-            self._observer.batch_done(len(batch), waits, elapsed, failure is not None)
+            self._observer.batch_done(class_name, len(batch), waits, elapsed,
+                                      failure is not None)

@@ -5,17 +5,32 @@ netvlad_images_total, netvlad_image_errors_total{reason}, netvlad_batch_size,
 netvlad_queue_wait_seconds, netvlad_inference_seconds, netvlad_request_duration_seconds{method},
 netvlad_queue_depth, netvlad_auth_failures_total{reason} (calls refused for a missing or
 invalid bearer token, never reaching a method) and
-netvlad_model_info{model,precision,output_dims,format,demo}.
+netvlad_model_info{model,precision,output_dims,format,demo}, plus the standard process_*
+series (process_resident_memory_bytes for the RSS alert of deploy/prometheus/alerts.yml).
+
+The same by priority class (label `class`: interactive or bulk; the series above stay the totals
+over both classes): netvlad_class_requests_total{class,method,code} and
+netvlad_class_request_duration_seconds{class,method} (DescribeImages calls and stream frames),
+netvlad_class_queue_depth{class}, netvlad_class_queue_limit{class} (the class's queue budget, so
+depth / limit is how full it is) and netvlad_class_queue_wait_seconds{class}.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    start_http_server,
+)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    30.0, 60.0)
@@ -66,11 +81,39 @@ class ServerMetrics:
                                         "re-read, by file kind and result (ok, or error: the "
                                         "files read before stay in force)", ["file", "result"],
                                         registry=reg)
+        ProcessCollector(registry=reg)  # process_resident_memory_bytes, CPU seconds, fds
+        self.class_requests = Counter("netvlad_class_requests", "DescribeImages calls and stream "
+                                      "messages by priority class, method and gRPC status code",
+                                      ["class", "method", "code"], registry=reg)
+        self.class_request_duration = Histogram(
+            "netvlad_class_request_duration_seconds", "End-to-end handling time of a "
+            "DescribeImages call or stream message, by priority class", ["class", "method"],
+            buckets=LATENCY_BUCKETS, registry=reg)
+        self.class_depth = Gauge("netvlad_class_queue_depth", "Images waiting in the queue, by "
+                                 "priority class", ["class"], registry=reg)
+        self.class_limit = Gauge("netvlad_class_queue_limit", "Most images the queue of a "
+                                 "priority class holds (beyond it: RESOURCE_EXHAUSTED)", ["class"],
+                                 registry=reg)
+        self.class_queue_wait = Histogram("netvlad_class_queue_wait_seconds", "Time an image "
+                                          "waited in the queue before its batch ran, by priority "
+                                          "class", ["class"], buckets=QUEUE_WAIT_BUCKETS,
+                                          registry=reg)
 
-    def request_done(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        """Count one finished RPC (or stream message) and its duration."""
+    def request_done(self, method: str, code: grpc.StatusCode, seconds: float,
+                     priority_class: str | None = None) -> None:
+        """Count one finished RPC (or stream message) and its duration, by class if it has one."""
         self.requests.labels(method, code.name).inc()
         self.request_duration.labels(method).observe(seconds)
+        if priority_class is not None:
+            self.class_requests.labels(priority_class, method, code.name).inc()
+            self.class_request_duration.labels(priority_class, method).observe(seconds)
+
+    def set_queue_limits(self, limits: Mapping[str, int]) -> None:
+        """Publish each priority class's queue budget (and show its depth, 0 until work comes)."""
+        for name, limit in limits.items():
+            self.class_limit.labels(name).set(limit)
+            self.class_depth.labels(name)
+            self.class_queue_wait.labels(name)
 
     def auth_refused(self, reason: str) -> None:
         """Count one call refused for its bearer token ("missing" or "invalid")."""
@@ -91,17 +134,21 @@ class ServerMetrics:
                               "output_dims": str(output_dims), "format": weight_format,
                               "demo": "true" if demo else "false"})
 
-    def queue_depth(self, depth: int) -> None:
-        """Batcher observer: the number of queued images changed."""
-        self.depth.set(depth)
+    def queue_depth(self, depths: Mapping[str, int]) -> None:
+        """Batcher observer: the number of queued images changed (depths by class)."""
+        for name, depth in depths.items():
+            self.class_depth.labels(name).set(depth)
+        self.depth.set(sum(depths.values()))
 
-    def batch_done(self, size: int, queue_waits: Sequence[float], run_seconds: float,
-                   failed: bool) -> None:
-        """Batcher observer: a batch ran."""
+    def batch_done(self, class_name: str, size: int, queue_waits: Sequence[float],
+                   run_seconds: float, failed: bool) -> None:
+        """Batcher observer: a batch of one priority class ran."""
         self.batch_size.observe(size)
         self.inference.observe(run_seconds)
+        by_class = self.class_queue_wait.labels(class_name)
         for wait in queue_waits:
             self.queue_wait.observe(wait)
+            by_class.observe(wait)
 
     def serve(self, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
         """Start the /metrics HTTP endpoint on a daemon thread; returns (server, thread)."""

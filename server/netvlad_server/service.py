@@ -4,6 +4,9 @@ Knows nothing of TensorFlow: the model arrives as a `LoadedModel` (a forward cal
 callable and a description) built by main. Each request's images are decoded in a thread pool,
 queued together in the dynamic batcher, and the caller gets exactly its own rows, encoded straight
 into the wire format (the float rows are copied once, no per-value Python objects).
+
+Each request's `priority` picks the batcher's class its images queue in: interactive ahead of
+bulk, each with its own queue budget (see batching.py for the scheduling guarantee).
 """
 
 from __future__ import annotations
@@ -21,16 +24,18 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 from netvlad_client._proto import netvlad_pb2 as pb
 from netvlad_client._proto import netvlad_pb2_grpc as pb_grpc
-from netvlad_client.client import BUSY_TRAILER
+from netvlad_client.retry import BUSY_TRAILER
 
 from netvlad_server.batching import (
     BatcherClosedError,
     BatchFailedError,
+    BatchingPolicy,
     DeadlineExpiredError,
     DynamicBatcher,
+    PriorityClass,
     QueueFullError,
 )
-from netvlad_server.config import ServerConfig
+from netvlad_server.config import PRIORITIES, ServerConfig
 from netvlad_server.images import ImageError, ImageLimits, image_label, prepare_encoded, prepare_raw
 from netvlad_server.metrics import ServerMetrics
 
@@ -41,6 +46,18 @@ _LOADING = "the model is still loading; retry when the gRPC health service repor
 log = logging.getLogger(__name__)
 
 BatchItem = tuple[np.ndarray, int]  # (image [H, W, C] uint8, dims wanted; 0 = all)
+PRIORITY_CLASSES = {pb.PRIORITY_INTERACTIVE: "interactive", pb.PRIORITY_BULK: "bulk"}
+CLASS_PRIORITIES = {name: value for value, name in PRIORITY_CLASSES.items()}
+assert tuple(PRIORITY_CLASSES.values()) == PRIORITIES  # the wire enum and the flag's choices
+
+
+def batching_policy(config: ServerConfig) -> BatchingPolicy:
+    """The batcher's policy: the configured limits, interactive ahead of bulk."""
+    return BatchingPolicy(
+        max_batch_size=config.max_batch_size, max_queue_delay=config.max_queue_delay_ms / 1000.0,
+        max_queue_size=config.max_queue_size,
+        classes=(PriorityClass("interactive", config.max_queue_size),
+                 PriorityClass("bulk", config.bulk_queue_size)))
 
 
 @dataclass(frozen=True)
@@ -217,10 +234,17 @@ class DescriptorService(pb_grpc.DescriptorServiceServicer):
         self._shutting_down = False
 
     def attach(self, model: LoadedModel, batcher: DynamicBatcher[BatchItem, np.ndarray]) -> None:
-        """Start serving `model` through `batcher` (already started)."""
+        """Start serving `model` through `batcher` (already started, with batching_policy)."""
         self._model = model
         self._batcher = batcher
         self._info = self._model_info(model.description)
+        self._metrics.set_queue_limits({cls.name: cls.max_queue_size
+                                        for cls in batcher.policy.priority_classes})
+
+    def _class_label(self, request: pb.DescribeImagesRequest | MalformedMessage) -> str:
+        """The class a request is counted under: its own, else the configured default."""
+        priority = getattr(request, "priority", pb.PRIORITY_UNSPECIFIED)
+        return PRIORITY_CLASSES.get(priority, self._config.default_priority)
 
     def begin_shutdown(self) -> None:
         """Stop reading new stream frames; streams answer what they hold, then end UNAVAILABLE."""
@@ -242,7 +266,8 @@ class DescriptorService(pb_grpc.DescriptorServiceServicer):
             code = _cancel_code(context)
             raise
         finally:
-            self._metrics.request_done("DescribeImages", code, time.perf_counter() - start)
+            self._metrics.request_done("DescribeImages", code, time.perf_counter() - start,
+                                       self._class_label(request))
 
     async def StreamDescribeImages(
         self, request_iterator: AsyncIterator[pb.StreamDescribeImagesRequest],
@@ -325,7 +350,8 @@ class DescriptorService(pb_grpc.DescriptorServiceServicer):
             code = _cancel_code(context)
             raise
         finally:
-            self._metrics.request_done("StreamDescribeImages", code, time.perf_counter() - start)
+            self._metrics.request_done("StreamDescribeImages", code, time.perf_counter() - start,
+                                       self._class_label(message.request))
 
     async def _guarded(self, request: pb.DescribeImagesRequest, timeout: float | None) -> bytes:
         """_describe with unexpected failures logged and turned into INTERNAL."""
@@ -346,12 +372,15 @@ class DescriptorService(pb_grpc.DescriptorServiceServicer):
         if model is None or batcher is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, _LOADING)
         dims, longest_side = self._check_request(request, model.description.output_dims)
+        priority = self._class_label(request)
         images = await self._decode_all(request.images, longest_side)
         try:
-            futures = batcher.submit([(image.shape, (image, dims)) for image in images], timeout)
+            futures = batcher.submit([(image.shape, (image, dims)) for image in images], timeout,
+                                     priority)
         except QueueFullError as exc:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"server busy: {exc} (--max-queue-size)",
+            flag = ("--max-bulk-queue-size" if priority == "bulk" and
+                    self._config.max_bulk_queue_size else "--max-queue-size")
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc} ({flag})",
                                (BUSY_TRAILER,)) from None
         except BatcherClosedError:
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
@@ -391,6 +420,12 @@ class DescriptorService(pb_grpc.DescriptorServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"dims {request.dims} exceeds the model's {output_dims} output values; ask for "
                 f"at most {output_dims} (0 means all)")
+        if request.priority != pb.PRIORITY_UNSPECIFIED and request.priority not in PRIORITY_CLASSES:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown priority {request.priority}; use PRIORITY_INTERACTIVE "
+                f"({pb.PRIORITY_INTERACTIVE}) or PRIORITY_BULK ({pb.PRIORITY_BULK}), or leave it "
+                f"unset for the server's default ({self._config.default_priority})")
         dims = request.dims or output_dims
         mode = request.resize.mode
         if mode == pb.RESIZE_MODE_UNSPECIFIED:
@@ -466,10 +501,12 @@ class DescriptorService(pb_grpc.DescriptorServiceServicer):
             max_queue_size=config.max_queue_size,
             max_images_per_request=config.max_images_per_request,
             max_image_pixels=config.max_image_pixels, min_image_side=config.min_image_side,
-            max_message_bytes=config.max_message_bytes)
+            max_message_bytes=config.max_message_bytes,
+            max_bulk_queue_size=config.bulk_queue_size)
         return pb.ModelInfo(
             model_name=d.model_name, weight_source=d.weight_source, weight_format=d.weight_format,
             demo_weights=d.demo, output_dims=d.output_dims, num_clusters=d.num_clusters,
             cluster_dim=d.cluster_dim, precision=d.precision, xla=d.xla, batching=batching,
             default_resize=resize, server_version=server_version(),
-            tensorflow_version=d.tensorflow_version, device=d.device)
+            tensorflow_version=d.tensorflow_version, device=d.device,
+            default_priority=CLASS_PRIORITIES[config.default_priority])

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18netvlad/v1/netvlad.proto\x12\nnetvlad.v1\"I\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"U\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x12#\n\x03raw\x18\x03 \x01(\x0b\x32\x14.netvlad.v1.RawImageH\x00\x42\x08\n\x06source\"J\n\x0cResizePolicy\x12$\n\x04mode\x18\x01 \x01(\x0e\x32\x16.netvlad.v1.ResizeMode\x12\x14\n\x0clongest_side\x18\x02 \x01(\r\"r\n\x15\x44\x65scribeImagesRequest\x12!\n\x06images\x18\x01 \x03(\x0b\x32\x11.netvlad.v1.Image\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12(\n\x06resize\x18\x03 \x01(\x0b\x32\x18.netvlad.v1.ResizePolicy\"(\n\nDescriptor\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"S\n\x16\x44\x65scribeImagesResponse\x12+\n\x0b\x64\x65scriptors\x18\x01 \x03(\x0b\x32\x16.netvlad.v1.Descriptor\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\"c\n\x1bStreamDescribeImagesRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x32\n\x07request\x18\x02 \x01(\x0b\x32!.netvlad.v1.DescribeImagesRequest\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x98\x01\n\x1cStreamDescribeImagesResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x36\n\x08response\x18\x02 \x01(\x0b\x32\".netvlad.v1.DescribeImagesResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.netvlad.v1.StatusH\x00\x42\t\n\x07outcome\"\x15\n\x13GetModelInfoRequest\"\xc9\x01\n\x0e\x42\x61tchingLimits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1a\n\x12max_queue_delay_ms\x18\x02 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x04 \x01(\r\x12\x18\n\x10max_image_pixels\x18\x05 \x01(\x04\x12\x16\n\x0emin_image_side\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\"\xe7\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rweight_source\x18\x02 \x01(\t\x12\x15\n\rweight_format\x18\x03 \x01(\t\x12\x14\n\x0c\x64\x65mo_weights\x18\x04 \x01(\x08\x12\x13\n\x0boutput_dims\x18\x05 \x01(\r\x12\x14\n\x0cnum_clusters\x18\x06 \x01(\r\x12\x13\n\x0b\x63luster_dim\x18\x07 \x01(\r\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x0b\n\x03xla\x18\t \x01(\x08\x12,\n\x08\x62\x61tching\x18\n \x01(\x0b\x32\x1a.netvlad.v1.BatchingLimits\x12\x30\n\x0e\x64\x65\x66\x61ult_resize\x18\x0b \x01(\x0b\x32\x18.netvlad.v1.ResizePolicy\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\x12\x1a\n\x12tensorflow_version\x18\r \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t*a\n\nResizeMode\x12\x1b\n\x17RESIZE_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10RESIZE_MODE_KEEP\x10\x01\x12 \n\x1cRESIZE_MODE_FIT_LONGEST_SIDE\x10\x02\x32\xa3\x02\n\x11\x44\x65scriptorService\x12W\n\x0e\x44\x65scribeImages\x12!.netvlad.v1.DescribeImagesRequest\x1a\".netvlad.v1.DescribeImagesResponse\x12m\n\x14StreamDescribeImages\x12\'.netvlad.v1.StreamDescribeImagesRequest\x1a(.netvlad.v1.StreamDescribeImagesResponse(\x01\x30\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.netvlad.v1.GetModelInfoRequest\x1a\x15.netvlad.v1.ModelInfoB\'\n\rio.netvlad.v1P\x01Z\x14netvlad/v1;netvladv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18netvlad/v1/netvlad.proto\x12\nnetvlad.v1\"I\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"U\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x12#\n\x03raw\x18\x03 \x01(\x0b\x32\x14.netvlad.v1.RawImageH\x00\x42\x08\n\x06source\"J\n\x0cResizePolicy\x12$\n\x04mode\x18\x01 \x01(\x0e\x32\x16.netvlad.v1.ResizeMode\x12\x14\n\x0clongest_side\x18\x02 \x01(\r\"\x9a\x01\n\x15\x44\x65scribeImagesRequest\x12!\n\x06images\x18\x01 \x03(\x0b\x32\x11.netvlad.v1.Image\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12(\n\x06resize\x18\x03 \x01(\x0b\x32\x18.netvlad.v1.ResizePolicy\x12&\n\x08priority\x18\x04 \x01(\x0e\x32\x14.netvlad.v1.Priority\"(\n\nDescriptor\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"S\n\x16\x44\x65scribeImagesResponse\x12+\n\x0b\x64\x65scriptors\x18\x01 \x03(\x0b\x32\x16.netvlad.v1.Descriptor\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\"c\n\x1bStreamDescribeImagesRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x32\n\x07request\x18\x02 \x01(\x0b\x32!.netvlad.v1.DescribeImagesRequest\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x98\x01\n\x1cStreamDescribeImagesResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x36\n\x08response\x18\x02 \x01(\x0b\x32\".netvlad.v1.DescribeImagesResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.netvlad.v1.StatusH\x00\x42\t\n\x07outcome\"\x15\n\x13GetModelInfoRequest\"\xe6\x01\n\x0e\x42\x61tchingLimits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1a\n\x12max_queue_delay_ms\x18\x02 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x04 \x01(\r\x12\x18\n\x10max_image_pixels\x18\x05 \x01(\x04\x12\x16\n\x0emin_image_side\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\x12\x1b\n\x13max_bulk_queue_size\x18\x08 \x01(\r\"\x97\x03\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rweight_source\x18\x02 \x01(\t\x12\x15\n\rweight_format\x18\x03 \x01(\t\x12\x14\n\x0c\x64\x65mo_weights\x18\x04 \x01(\x08\x12\x13\n\x0boutput_dims\x18\x05 \x01(\r\x12\x14\n\x0cnum_clusters\x18\x06 \x01(\r\x12\x13\n\x0b\x63luster_dim\x18\x07 \x01(\r\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x0b\n\x03xla\x18\t \x01(\x08\x12,\n\x08\x62\x61tching\x18\n \x01(\x0b\x32\x1a.netvlad.v1.BatchingLimits\x12\x30\n\x0e\x64\x65\x66\x61ult_resize\x18\x0b \x01(\x0b\x32\x18.netvlad.v1.ResizePolicy\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\x12\x1a\n\x12tensorflow_version\x18\r \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\x12.\n\x10\x64\x65\x66\x61ult_priority\x18\x0f \x01(\x0e\x32\x14.netvlad.v1.Priority*a\n\nResizeMode\x12\x1b\n\x17RESIZE_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10RESIZE_MODE_KEEP\x10\x01\x12 \n\x1cRESIZE_MODE_FIT_LONGEST_SIDE\x10\x02*Q\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x11\n\rPRIORITY_BULK\x10\x02\x32\xa3\x02\n\x11\x44\x65scriptorService\x12W\n\x0e\x44\x65scribeImages\x12!.netvlad.v1.DescribeImagesRequest\x1a\".netvlad.v1.DescribeImagesResponse\x12m\n\x14StreamDescribeImages\x12\'.netvlad.v1.StreamDescribeImagesRequest\x1a(.netvlad.v1.StreamDescribeImagesResponse(\x01\x30\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.netvlad.v1.GetModelInfoRequest\x1a\x15.netvlad.v1.ModelInfoB\'\n\rio.netvlad.v1P\x01Z\x14netvlad/v1;netvladv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,32 +32,34 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'netvlad.v1.netvlad_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rio.netvlad.v1P\001Z\024netvlad/v1;netvladv1'
-  _globals['_RESIZEMODE']._serialized_start=1407
-  _globals['_RESIZEMODE']._serialized_end=1504
+  _globals['_RESIZEMODE']._serialized_start=1525
+  _globals['_RESIZEMODE']._serialized_end=1622
+  _globals['_PRIORITY']._serialized_start=1624
+  _globals['_PRIORITY']._serialized_end=1705
   _globals['_RAWIMAGE']._serialized_start=40
   _globals['_RAWIMAGE']._serialized_end=113
   _globals['_IMAGE']._serialized_start=115
   _globals['_IMAGE']._serialized_end=200
   _globals['_RESIZEPOLICY']._serialized_start=202
   _globals['_RESIZEPOLICY']._serialized_end=276
-  _globals['_DESCRIBEIMAGESREQUEST']._serialized_start=278
-  _globals['_DESCRIBEIMAGESREQUEST']._serialized_end=392
-  _globals['_DESCRIPTOR']._serialized_start=394
-  _globals['_DESCRIPTOR']._serialized_end=434
-  _globals['_DESCRIBEIMAGESRESPONSE']._serialized_start=436
-  _globals['_DESCRIBEIMAGESRESPONSE']._serialized_end=519
-  _globals['_STREAMDESCRIBEIMAGESREQUEST']._serialized_start=521
-  _globals['_STREAMDESCRIBEIMAGESREQUEST']._serialized_end=620
-  _globals['_STATUS']._serialized_start=622
-  _globals['_STATUS']._serialized_end=661
-  _globals['_STREAMDESCRIBEIMAGESRESPONSE']._serialized_start=664
-  _globals['_STREAMDESCRIBEIMAGESRESPONSE']._serialized_end=816
-  _globals['_GETMODELINFOREQUEST']._serialized_start=818
-  _globals['_GETMODELINFOREQUEST']._serialized_end=839
-  _globals['_BATCHINGLIMITS']._serialized_start=842
-  _globals['_BATCHINGLIMITS']._serialized_end=1043
-  _globals['_MODELINFO']._serialized_start=1046
-  _globals['_MODELINFO']._serialized_end=1405
-  _globals['_DESCRIPTORSERVICE']._serialized_start=1507
-  _globals['_DESCRIPTORSERVICE']._serialized_end=1798
+  _globals['_DESCRIBEIMAGESREQUEST']._serialized_start=279
+  _globals['_DESCRIBEIMAGESREQUEST']._serialized_end=433
+  _globals['_DESCRIPTOR']._serialized_start=435
+  _globals['_DESCRIPTOR']._serialized_end=475
+  _globals['_DESCRIBEIMAGESRESPONSE']._serialized_start=477
+  _globals['_DESCRIBEIMAGESRESPONSE']._serialized_end=560
+  _globals['_STREAMDESCRIBEIMAGESREQUEST']._serialized_start=562
+  _globals['_STREAMDESCRIBEIMAGESREQUEST']._serialized_end=661
+  _globals['_STATUS']._serialized_start=663
+  _globals['_STATUS']._serialized_end=702
+  _globals['_STREAMDESCRIBEIMAGESRESPONSE']._serialized_start=705
+  _globals['_STREAMDESCRIBEIMAGESRESPONSE']._serialized_end=857
+  _globals['_GETMODELINFOREQUEST']._serialized_start=859
+  _globals['_GETMODELINFOREQUEST']._serialized_end=880
+  _globals['_BATCHINGLIMITS']._serialized_start=883
+  _globals['_BATCHINGLIMITS']._serialized_end=1113
+  _globals['_MODELINFO']._serialized_start=1116
+  _globals['_MODELINFO']._serialized_end=1523
+  _globals['_DESCRIPTORSERVICE']._serialized_start=1708
+  _globals['_DESCRIPTORSERVICE']._serialized_end=1999
 # @@protoc_insertion_point(module_scope)

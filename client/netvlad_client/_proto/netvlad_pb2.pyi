@@ -12,9 +12,18 @@ class ResizeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESIZE_MODE_UNSPECIFIED: _ClassVar[ResizeMode]
     RESIZE_MODE_KEEP: _ClassVar[ResizeMode]
     RESIZE_MODE_FIT_LONGEST_SIDE: _ClassVar[ResizeMode]
+
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_UNSPECIFIED: _ClassVar[Priority]
+    PRIORITY_INTERACTIVE: _ClassVar[Priority]
+    PRIORITY_BULK: _ClassVar[Priority]
 RESIZE_MODE_UNSPECIFIED: ResizeMode
 RESIZE_MODE_KEEP: ResizeMode
 RESIZE_MODE_FIT_LONGEST_SIDE: ResizeMode
+PRIORITY_UNSPECIFIED: Priority
+PRIORITY_INTERACTIVE: Priority
+PRIORITY_BULK: Priority
 
 class RawImage(_message.Message):
     __slots__ = ("data", "height", "width", "channels")
@@ -47,14 +56,16 @@ class ResizePolicy(_message.Message):
     def __init__(self, mode: _Optional[_Union[ResizeMode, str]] = ..., longest_side: _Optional[int] = ...) -> None: ...
 
 class DescribeImagesRequest(_message.Message):
-    __slots__ = ("images", "dims", "resize")
+    __slots__ = ("images", "dims", "resize", "priority")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     DIMS_FIELD_NUMBER: _ClassVar[int]
     RESIZE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     dims: int
     resize: ResizePolicy
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., dims: _Optional[int] = ..., resize: _Optional[_Union[ResizePolicy, _Mapping]] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., dims: _Optional[int] = ..., resize: _Optional[_Union[ResizePolicy, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class Descriptor(_message.Message):
     __slots__ = ("id", "values")
@@ -103,7 +114,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BatchingLimits(_message.Message):
-    __slots__ = ("max_batch_size", "max_queue_delay_ms", "max_queue_size", "max_images_per_request", "max_image_pixels", "min_image_side", "max_message_bytes")
+    __slots__ = ("max_batch_size", "max_queue_delay_ms", "max_queue_size", "max_images_per_request", "max_image_pixels", "min_image_side", "max_message_bytes", "max_bulk_queue_size")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +122,7 @@ class BatchingLimits(_message.Message):
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MIN_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BULK_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queue_delay_ms: float
     max_queue_size: int
@@ -118,10 +130,11 @@ class BatchingLimits(_message.Message):
     max_image_pixels: int
     min_image_side: int
     max_message_bytes: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., min_image_side: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_bulk_queue_size: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., min_image_side: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_bulk_queue_size: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "weight_source", "weight_format", "demo_weights", "output_dims", "num_clusters", "cluster_dim", "precision", "xla", "batching", "default_resize", "server_version", "tensorflow_version", "device")
+    __slots__ = ("model_name", "weight_source", "weight_format", "demo_weights", "output_dims", "num_clusters", "cluster_dim", "precision", "xla", "batching", "default_resize", "server_version", "tensorflow_version", "device", "default_priority")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_SOURCE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +149,7 @@ class ModelInfo(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORFLOW_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     weight_source: str
     weight_format: str
@@ -150,4 +164,5 @@ class ModelInfo(_message.Message):
     server_version: str
     tensorflow_version: str
     device: str
-    def __init__(self, model_name: _Optional[str] = ..., weight_source: _Optional[str] = ..., weight_format: _Optional[str] = ..., demo_weights: _Optional[bool] = ..., output_dims: _Optional[int] = ..., num_clusters: _Optional[int] = ..., cluster_dim: _Optional[int] = ..., precision: _Optional[str] = ..., xla: _Optional[bool] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., default_resize: _Optional[_Union[ResizePolicy, _Mapping]] = ..., server_version: _Optional[str] = ..., tensorflow_version: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    default_priority: Priority
+    def __init__(self, model_name: _Optional[str] = ..., weight_source: _Optional[str] = ..., weight_format: _Optional[str] = ..., demo_weights: _Optional[bool] = ..., output_dims: _Optional[int] = ..., num_clusters: _Optional[int] = ..., cluster_dim: _Optional[int] = ..., precision: _Optional[str] = ..., xla: _Optional[bool] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., default_resize: _Optional[_Union[ResizePolicy, _Mapping]] = ..., server_version: _Optional[str] = ..., tensorflow_version: _Optional[str] = ..., device: _Optional[str] = ..., default_priority: _Optional[_Union[Priority, str]] = ...) -> None: ...

@@ -1,0 +1,267 @@
+"""The Prometheus alerting rules: promtool checks and unit tests, and a real Prometheus using them.
+
+deploy/prometheus/alerts.yml is checked with `promtool check rules`, its unit tests
+(alerts_test.yml) run with `promtool test rules`, and every alert's shape (for, severity,
+summary, one-line runbook) and test coverage (a case that fires, a series that stays quiet) is
+checked here. Against real servers: the metrics and labels the rules read are exported, and a
+real Prometheus with the shipped configuration loads the rules, evaluates them without errors
+and raises the availability alerts for a dead target and a server still loading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from client_support import random_image
+from conftest import free_port
+from netvlad_client import NetVLADClient, NetVLADRPCError
+from prometheus_client.parser import text_string_to_metric_families
+from server_thread import ServerThread, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+RULES = PROMETHEUS_DIR / "alerts.yml"
+RULE_TESTS = PROMETHEUS_DIR / "alerts_test.yml"
+PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+INSTALL = {
+    "promtool": "apt-get install prometheus",
+    "prometheus": "apt-get install prometheus",
+    "docker-compose": "apt-get install docker-compose",
+}
+PROMETHEUS_LABELS = {"instance", "job"}  # added by Prometheus to every scraped series
+
+
+def tool(name: str) -> str:
+    """Path of a checker binary; skip if it is missing here, but fail under CI (it installs it)."""
+    path = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                     os.environ.get("PATH", "")]))
+    if path is None:
+        message = f"{name} is not installed; {INSTALL[name]} (.ci/run installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {message}")
+        pytest.skip(message)
+    return path
+
+
+def run(*command: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run a checker, capturing its output."""
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def alert_rules() -> list[dict]:
+    """Every alerting rule of alerts.yml."""
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def rule_tests() -> list[dict]:
+    """The test groups of alerts_test.yml."""
+    return yaml.safe_load(RULE_TESTS.read_text())["tests"]
+
+
+def series_instances(group: dict) -> set[str]:
+    """The instance label of every input series of a rule test group."""
+    series = " ".join(entry["series"] for entry in group["input_series"])
+    return set(re.findall(r'instance="([^"]+)"', series))
+
+
+# --- promtool ---------------------------------------------------------------------------------
+
+
+def test_rules_pass_promtool_check():
+    done = run(tool("promtool"), "check", "rules", str(RULES))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in done.stdout, done.stdout
+
+
+def test_rules_pass_their_promtool_unit_tests():
+    done = run(tool("promtool"), "test", "rules", RULE_TESTS.name, cwd=PROMETHEUS_DIR)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout and "FAILED" not in done.stdout, done.stdout
+
+
+def test_shipped_config_loads_the_rules_and_passes_promtool():
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    assert config["rule_files"] == [RULES.name]
+    done = run(tool("promtool"), "check", "config", str(PROMETHEUS_CONFIG))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS: 1 rule files found" in done.stdout, done.stdout
+    assert f"SUCCESS: {len(alert_rules())} rules found" in done.stdout, done.stdout
+
+
+def test_compose_mounts_the_rules_beside_the_config():
+    command = [tool("docker-compose")]
+    for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.cpu.yml"]):
+        arguments = [a for name in files for a in ("-f", name)]
+        done = run(*command, *arguments, "config")
+        assert done.returncode == 0, done.stderr
+        prometheus = yaml.safe_load(done.stdout)["services"]["prometheus"]
+        assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+        assert f"{PROMETHEUS_CONFIG}:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+        assert f"{RULES}:/etc/prometheus/{RULES.name}:ro" in prometheus["volumes"], files
+
+
+# --- the rules' shape and their tests ---------------------------------------------------------
+
+
+def test_every_alert_has_for_severity_summary_and_a_one_line_runbook():
+    rules = alert_rules()
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names)), f"duplicate alert names: {names}"
+    for rule in rules:
+        name = rule["alert"]
+        assert re.fullmatch(r"\d+[smh]", rule.get("for", "")), f"{name}: no `for:` duration"
+        assert rule["labels"]["severity"] in {"critical", "warning"}, name
+        annotations = rule["annotations"]
+        assert set(annotations) == {"summary", "runbook"}, name
+        assert "{{ $labels.instance }}" in annotations["summary"], name
+        runbook = annotations["runbook"]
+        assert "\n" not in runbook and 40 < len(runbook) < 200, f"{name}: runbook {runbook!r}"
+        assert ";" in runbook or ":" in runbook, f"{name}: say what to check, then what to do"
+
+
+def test_every_alert_has_a_firing_case_and_a_quiet_one():
+    rules = {rule["alert"] for rule in alert_rules()}
+    firing: dict[str, set[str]] = {name: set() for name in rules}
+    quiet_moments: dict[str, int] = dict.fromkeys(rules, 0)
+    quiet_series: dict[str, int] = dict.fromkeys(rules, 0)
+    for group in rule_tests():
+        instances = series_instances(group)
+        for case in group["alert_rule_test"]:
+            name = case["alertname"]
+            assert name in rules, f"{group['name']}: tests unknown alert {name}"
+            expected = {alert["exp_labels"]["instance"] for alert in case["exp_alerts"]}
+            if expected:
+                firing[name] |= expected
+                quiet_series[name] += len(instances - expected)
+            else:
+                quiet_moments[name] += 1
+    for name in sorted(rules):
+        assert firing[name], f"{name}: no case where it fires"
+        assert quiet_series[name], f"{name}: no series that must stay quiet while it fires"
+        assert quiet_moments[name], f"{name}: no moment (before `for:`) where it must be quiet"
+
+
+def test_queue_limit_in_the_rules_is_the_shipped_max_queue_size():
+    (rule,) = [r for r in alert_rules() if r["alert"] == "NetVLADQueueNearLimit"]
+    (limit,) = re.findall(r"netvlad_queue_depth\{[^}]*\}\[5m\]\) / (\d+)\n", rule["expr"])
+    env = dict(
+        line.split("=", 1) for line in (ROOT / "deploy/netvlad.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    configmap = yaml.safe_load((ROOT / "deploy/k8s/configmap.yaml").read_text())["data"]
+    assert env["NETVLAD_MAX_QUEUE_SIZE"] == limit, "deploy/netvlad.env and alerts.yml disagree"
+    assert configmap["NETVLAD_MAX_QUEUE_SIZE"] == limit, "the k8s ConfigMap and alerts.yml disagree"
+
+
+# --- real servers, real Prometheus ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaded_server(tiny_model) -> Iterator[ServerThread]:
+    """A SERVING in-process server (demo-tiny) with /metrics, after a good and a bad request."""
+    with ServerThread(tiny_config(free_port()), lambda _config: tiny_model) as running:
+        with NetVLADClient(running.target) as client:
+            for seed in range(3):
+                client.describe(random_image(seed))
+            with pytest.raises(NetVLADRPCError, match="INVALID_ARGUMENT"):
+                client.describe(np.zeros((8, 8, 3), np.uint8))
+        yield running
+
+
+def test_rules_read_only_exported_metrics_and_labels(loaded_server):
+    samples: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(loaded_server.metrics_text()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, set()).update(sample.labels)
+    for rule in alert_rules():
+        expr = rule["expr"]
+        for name, selector in re.findall(r"\b((?:netvlad|process)_\w+)(?:\{([^}]*)\})?", expr):
+            assert name in samples, f"{rule['alert']}: {name} is not exported by netvlad-server"
+            used = set(re.findall(r"(\w+)\s*[!=]~?", selector))
+            unknown = used - samples[name] - PROMETHEUS_LABELS
+            assert not unknown, f"{rule['alert']}: {name} has no label {unknown}"
+
+
+def prometheus_get(port: int, path: str, **params: str) -> dict:
+    """GET a Prometheus HTTP API endpoint on loopback and return its decoded JSON."""
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}{query}", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def poll(check: Callable[[], object], timeout: float, what: Callable[[], str]) -> object:
+    """Call check() until it returns something truthy; fail with what() after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+        except OSError:
+            result = None
+        if result:
+            return result
+        time.sleep(0.25)
+    pytest.fail(f"timed out after {timeout} s waiting for {what()}")
+
+
+def test_real_prometheus_evaluates_the_rules_and_raises_availability_alerts(
+        loaded_server, tiny_model, tmp_path):
+    binary = tool("prometheus")
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(RULES)]
+    dead = f"127.0.0.1:{free_port()}"
+    with ServerThread(tiny_config(free_port()), lambda _config: tiny_model,
+                      load=False) as loading:
+        healthy = f"127.0.0.1:{loaded_server.config.metrics_port}"
+        still_loading = f"127.0.0.1:{loading.config.metrics_port}"
+        (job,) = config["scrape_configs"]
+        job["static_configs"] = [{"targets": [healthy, still_loading, dead]}]
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        log = tmp_path / "prometheus.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen(
+                [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={tmp_path / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{port}"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+        try:
+            def rules_evaluated() -> list[dict]:
+                groups = prometheus_get(port, "/api/v1/rules")["data"]["groups"]
+                rules = [rule for group in groups for rule in group["rules"]]
+                done = all(rule["lastEvaluation"] > "2000" for rule in rules)
+                return rules if len(rules) == len(alert_rules()) and done else []
+
+            rules = poll(lambda: process.poll() is None and rules_evaluated(), 60,
+                         lambda: f"Prometheus to evaluate the rules ({log.read_text()[-2000:]})")
+            for rule in rules:
+                assert rule["health"] == "ok", rule
+
+            def alerts() -> dict[tuple[str, str], str]:
+                found = prometheus_get(port, "/api/v1/alerts")["data"]["alerts"]
+                return {(a["labels"]["alertname"], a["labels"]["instance"]): a["state"]
+                        for a in found}
+
+            wanted = {("NetVLADServerDown", dead), ("NetVLADModelNotLoaded", still_loading)}
+            raised = poll(lambda: wanted <= set(alerts()) and alerts(), 60,
+                          lambda: f"alerts {sorted(wanted)}, got {alerts()}")
+            assert set(raised) == wanted, raised
+            assert set(raised.values()) == {"pending"}, "`for:` holds them pending at first"
+        finally:
+            process.terminate()
+            process.wait(timeout=30)

@@ -42,6 +42,8 @@ ENCODINGS = {
     "TIFF": (".tiff",),
     "WebP-lossy": (".webp", cv2.IMWRITE_WEBP_QUALITY, 80),
     "WebP-lossless": (".webp", cv2.IMWRITE_WEBP_QUALITY, 101),
+    "PNM": (".pnm",),  # P6 (PPM) for colour, P5 (PGM) for gray
+    "PNM-text": (".pnm", cv2.IMWRITE_PXM_BINARY, 0),  # P3 / P2
 }
 
 
@@ -57,7 +59,7 @@ def test_header_size_of_real_files(name, image):
 @pytest.mark.parametrize("name", sorted(ENCODINGS))
 def test_decoding_gives_rgb_or_single_channel(name):
     ext, *params = ENCODINGS[name]
-    lossless = name in ("PNG", "BMP", "TIFF", "WebP-lossless")
+    lossless = name in ("PNG", "BMP", "TIFF", "WebP-lossless", "PNM", "PNM-text")
     data = encode(ext, COLOR, *params)
     color = decode_encoded(data, LIMITS)
     assert color.shape == (*COLOR.shape[:2], 3) and color.dtype == np.uint8
@@ -72,6 +74,15 @@ def test_decoding_gives_rgb_or_single_channel(name):
         assert gray.shape == (*GRAY.shape, 1)
         if lossless:
             np.testing.assert_array_equal(gray[:, :, 0], GRAY)
+
+
+def test_pgm_with_comments_and_16_bit_samples_decodes():
+    rows = GRAY.astype(">u2") * 257  # 16-bit samples, big-endian as the format stores them
+    data = b"P5\n# exposure 1/60\n29 # width\n41\n65535\n" + rows.tobytes()
+    assert read_header(data).format == "PNM"
+    decoded = decode_encoded(data, LIMITS)
+    assert decoded.shape == (41, 29, 1) and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded[:, :, 0], GRAY)
 
 
 def test_alpha_is_dropped_and_16_bit_scaled():
@@ -136,6 +147,7 @@ BOMBS = {
     "TIFF-be": tiff_header(70_000, 70_000, ">"),
     "BigTIFF": bigtiff_header(1 << 20, 1 << 20),
     "WebP-VP8X": webp_vp8x_header(16_000, 16_000),
+    "PGM": b"P5\n# a comment between the magic and the size\n70000 70000\n255\n",
 }
 
 
@@ -176,7 +188,9 @@ def test_corrupt_pixel_data_after_a_good_header_is_undecodable():
 @pytest.mark.parametrize(("data", "reason", "text"), [
     (b"", "empty", "empty (0 bytes)"),
     (b"GIF89a\x10\x00\x10\x00", "unknown_format", "first bytes 47 49 46 38"),
-    (b"P6\n16 16\n255\n" + bytes(768), "unknown_format", "not a JPEG, PNG, BMP, TIFF, WebP"),
+    (b"P7\nWIDTH 16\n", "unknown_format", "not a JPEG, PNG, BMP, TIFF, WebP, PNM file"),
+    (b"P5\n# made by a camera\n16 x\n255\n", "corrupt_header", "must be decimal numbers"),
+    (b"P6\n# a comment that never ends", "corrupt_header", "ends inside a comment"),
     (png_header(0, 20), "corrupt_header", "declares a 0x20 image"),
     (b"\xff\xd8\xff\xda\x00\x08", "corrupt_header", "before any frame header"),
     (b"RIFF\x00\x00\x00\x00WEBPABCD" + bytes(20), "corrupt_header", "unknown first chunk"),

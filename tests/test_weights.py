@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -490,6 +491,7 @@ def test_inspect_reports_bad_file(tmp_path, capsys):
 
 def test_convert_writes_export_and_refuses_to_overwrite(files, tensors, tmp_path, capsys):
     destination = tmp_path / "out" / "model.npz"
+    destination.parent.mkdir()
     assert models_main(["convert", str(files["mat"]), str(destination)]) == 0
     loaded = load_weights(destination)
     for name in TENSOR_NAMES:
@@ -513,6 +515,32 @@ def test_convert_of_bad_source_writes_nothing(tmp_path, capsys):
     assert not destination.exists()
     assert models_main(["convert", "demo-tiny", str(tmp_path / "model.bin")]) == 1
     assert "must be a file whose name ends in .npz" in capsys.readouterr().err
+
+
+def test_convert_refuses_a_missing_directory_before_reading(tmp_path, capsys):
+    # The source does not exist either: the destination is judged first, so no load is attempted.
+    destination = tmp_path / "nowhere" / "model.npz"
+    assert models_main(["convert", str(tmp_path / "absent.zip"), str(destination)]) == 1
+    err = capsys.readouterr().err
+    assert f"the output directory {destination.parent} does not exist" in err
+    assert not destination.parent.exists()
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    assert models_main(["convert", "demo-tiny", str(blocker / "model.npz")]) == 1
+    assert f"the output directory {blocker} is not a directory" in capsys.readouterr().err
+    assert models_main(["convert", "demo-tiny", str(tmp_path)]) == 1
+    assert "must be a file whose name ends in .npz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_convert_honours_the_umask(tmp_path, umask):
+    destination = tmp_path / "model.npz"
+    previous = os.umask(umask)
+    try:
+        assert models_main(["convert", "demo-tiny", str(destination)]) == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(destination.stat().st_mode) == 0o666 & ~umask
 
 
 # ---- full size -----------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Request images to uint8 arrays [H, W, C]: header checks, decoding, raw buffers, resizing.
 
-Encoded files (JPEG, PNG, BMP, TIFF, WebP) have their width and height read from the header first,
-so an image declaring more pixels than allowed (a decompression bomb) is refused before OpenCV
-allocates anything. Colour images come out RGB with 3 channels; grayscale images keep their single
-channel (the network replicates it), so the batching key of a gray image is [H, W, 1]. Alpha is
-dropped and 16-bit files are scaled to 8 bits by OpenCV. Every failure is an `ImageError` naming
-the image and the reason.
+Encoded files (JPEG, PNG, BMP, TIFF, WebP, PBM/PGM/PPM) have width and height read from the
+header first, so an image declaring more pixels than allowed (a decompression bomb) is refused
+before OpenCV allocates anything. Colour images come out RGB with 3 channels; grayscale images
+keep their single channel (the network replicates it), so the batching key of a gray image is
+[H, W, 1]. Alpha is dropped and 16-bit files are scaled to 8 bits by OpenCV. Every failure is an
+`ImageError` naming the image and the reason.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WebP")
+FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WebP", "PNM")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers carry the size; C4 (DHT), C8 (JPG) and CC (DAC) are not frames.
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01, 0xD8}
 _TIFF_WIDTH, _TIFF_LENGTH = 256, 257
 _TIFF_VALUE_FORMATS = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8
+_PNM_KINDS = frozenset(b"123456"[i:i + 1] for i in range(6))  # P1-P6: PBM, PGM, PPM (text, binary)
 _ID_SHOWN = 64  # characters of an image id quoted in messages
 
 
@@ -73,6 +74,8 @@ def sniff_format(data: bytes) -> str | None:
         return "TIFF"
     if data[:4] == b"RIFF" and (data[8:12] == b"WEBP" or len(data) < 12):  # short: truncated
         return "WebP"
+    if data[:1] == b"P" and data[1:2] in _PNM_KINDS and data[2:3].isspace():
+        return "PNM"
     return None
 
 
@@ -201,8 +204,31 @@ def _webp_size(data: bytes) -> tuple[int, int]:
     raise _HeaderError(f"unknown first chunk {chunk!r}")
 
 
+def _pnm_size(data: bytes) -> tuple[int, int]:
+    """Width and height of a PBM/PGM/PPM (P1-P6): whitespace-separated after the magic, with
+    '#' comments allowed between the fields."""
+    fields: list[bytes] = []
+    position = 2
+    while len(fields) < 2:
+        while position < len(data) and data[position:position + 1].isspace():
+            position += 1
+        if data[position:position + 1] == b"#":
+            end = data.find(b"\n", position)
+            if end < 0:
+                raise _HeaderError("the header ends inside a comment")
+            position = end + 1
+            continue
+        start = position
+        while position < len(data) and data[position:position + 1].isdigit():
+            position += 1
+        if start == position:
+            raise _HeaderError("width and height must be decimal numbers after the magic")
+        fields.append(data[start:position])
+    return int(fields[0]), int(fields[1])
+
+
 _SIZE_READERS = {"PNG": _png_size, "JPEG": _jpeg_size, "BMP": _bmp_size, "TIFF": _tiff_size,
-                 "WebP": _webp_size}
+                 "WebP": _webp_size, "PNM": _pnm_size}
 
 
 def _check_pixels(height: int, width: int, limits: ImageLimits, label: str, what: str) -> None:
@@ -215,7 +241,7 @@ def _check_pixels(height: int, width: int, limits: ImageLimits, label: str, what
 
 
 def decode_encoded(data: bytes, limits: ImageLimits, label: str = "image") -> np.ndarray:
-    """Decode a JPEG/PNG/BMP/TIFF/WebP file to uint8 [H, W, 1 or 3] (RGB), header checked first."""
+    """Decode a JPEG/PNG/BMP/TIFF/WebP/PNM file to uint8 [H, W, 1 or 3] (RGB), header first."""
     header = read_header(data, label)
     _check_pixels(header.height, header.width, limits, label,
                   f"the {header.format} header declares")

@@ -6,15 +6,16 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from netvlad_client.outputs import silence_closed_stdout
+from netvlad_client.formats import silence_closed_stdout
+from netvlad_client.options import Option, add_options, parse_args
 
 from netvlad_server.weights import (
     SCOPE,
     TENSOR_NAMES,
     NetVLADWeights,
     WeightsError,
+    check_export_path,
     load_weights,
     save_export,
 )
@@ -89,9 +90,7 @@ def register_inspect(subparsers: argparse._SubParsersAction) -> None:
 
 def _convert(args: argparse.Namespace) -> int:
     """Convert any readable weights to the project's .npz export."""
-    destination = Path(args.dst)
-    if destination.suffix != ".npz" or destination.is_dir():
-        raise WeightsError(f"{args.dst}: the export must be a file whose name ends in .npz")
+    destination = check_export_path(args.dst)
     if destination.exists() and not args.force:
         print(f"error: {args.dst} exists; pass --force to overwrite it", file=sys.stderr)
         return 1
@@ -100,6 +99,11 @@ def _convert(args: argparse.Namespace) -> int:
     size = _size(destination.stat().st_size)
     print(f"wrote {args.dst} ({size}, {weights.output_dims}-D output) from {args.src}")
     return 0
+
+
+CONVERT_OPTIONS: tuple[Option, ...] = (
+    Option(("--force",), "overwrite DST if it exists", default=False, kind="switch"),
+)
 
 
 def register_convert(subparsers: argparse._SubParsersAction) -> None:
@@ -111,7 +115,7 @@ def register_convert(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("src", help="weights to read (any format `inspect` accepts)")
     parser.add_argument("dst", help="the .npz file to write")
-    parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    add_options(parser, CONVERT_OPTIONS)
     parser.set_defaults(handler=_convert)
 
 
@@ -129,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; weight and file problems print as `error: ...` with exit code 1."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return int(args.handler(args))
     except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours

@@ -1,7 +1,7 @@
 """Reading NetVLAD weights from every format users have into one validated set of tensors."""
 
 from .demo import demo_weights
-from .export import save_export
+from .export import check_export_path, save_export
 from .loader import load_weights
 from .matconvnet import MatLayer, read_matconvnet
 from .schema import (
@@ -22,6 +22,7 @@ __all__ = [
     "MatLayer",
     "NetVLADWeights",
     "WeightsError",
+    "check_export_path",
     "check_tensors",
     "demo_weights",
     "load_weights",

@@ -16,16 +16,38 @@ FORMAT_VALUE = "netvlad-service-weights/1"
 LABEL_KEY = "__label__"  # keeps the demo warning (or the original name) through a conversion
 
 
-def save_export(weights: NetVLADWeights, path: str | os.PathLike) -> None:
-    """Write `weights` to `path` (.npz) atomically: a temporary file renamed into place."""
+def check_export_path(path: str | os.PathLike) -> Path:
+    """Refuse an export destination that cannot be written, before any weights are read."""
     target = Path(path)
-    if target.suffix != ".npz":
-        raise WeightsError(f"the export file name must end in .npz; got {str(target)!r}")
+    if target.suffix != ".npz" or target.is_dir():
+        raise WeightsError(f"{str(target)!r}: the export must be a file whose name ends in .npz")
+    parent = target.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise WeightsError(f"the output directory {parent} {what}; create it first")
+    return target
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_export(weights: NetVLADWeights, path: str | os.PathLike) -> None:
+    """Write `weights` to `path` (.npz) atomically: a temporary file renamed into place.
+
+    The file gets the permissions any new file of this user gets (0666 less the umask): the
+    temporary file's private 0600 must not survive the rename, or a server running as another
+    user could not read the export.
+    """
+    target = check_export_path(path)
     entries = {FORMAT_KEY: np.array(FORMAT_VALUE), LABEL_KEY: np.array(weights.name)}
     entries.update(weights.tensors)
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, **entries)  # uncompressed: loading is a plain read
             handle.flush()

@@ -1,8 +1,8 @@
-"""Independent plain-NumPy NetVLAD forward pass (SPEC.md section 1), the tests' ground truth.
+"""Independent plain-NumPy NetVLAD forward pass (docs/NETWORK.md), the tests' ground truth.
 
-Written step by step from the SPEC table with no TensorFlow and none of network.py's tricks:
-convolutions as a sum over kernel taps of shifted-image matrix products, the VLAD core as a
-loop over clusters, the flatten as an explicit index loop. float64 by default.
+Written step by step from the forward-pass table with no TensorFlow and none of network.py's
+tricks: convolutions as a sum over kernel taps of shifted-image matrix products, the VLAD core as
+a loop over clusters, the flatten as an explicit index loop. float64 by default.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ command line through `netvlad-client`'s own `main()` and a subprocess.
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -19,13 +20,22 @@ from netvlad_client.cli import main as cli_main
 from netvlad_client.evaluation import (
     EvaluationError,
     EvaluationSettings,
+    accepted_at_precision,
+    confusion_figure,
     confusion_matrices,
     evaluate,
+    match_times,
+    name_time_ns,
+    natural_order,
     nearest_matches,
     nearest_position_distances,
     read_descriptors,
+    read_euroc_groundtruth,
     read_kitti_poses,
     read_positions,
+    read_tum_trajectory,
+    time_order,
+    trajectory_figure,
 )
 from netvlad_client.formats import write_descriptors
 
@@ -581,8 +591,9 @@ def test_cli_needs_images_or_descriptors(tmp_path, capsys):
     assert cli_main(["evaluate", "--poses", str(poses), "--out", str(tmp_path / "o")]) == 1
     assert "give --images DIR" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli_main(["evaluate", "--descriptors", "x.npy"])  # --poses or --positions is required
-    assert "one of the arguments --poses --positions is required" in capsys.readouterr().err
+        cli_main(["evaluate", "--descriptors", "x.npy"])  # one ground truth is required
+    assert ("one of the arguments --poses --positions --tum --euroc is required"
+            in capsys.readouterr().err)
 
 
 def test_cli_environment_fallbacks(tmp_path, capsys, monkeypatch):
@@ -624,6 +635,342 @@ def test_evaluation_modules_import_neither_tensorflow_nor_matplotlib():
     assert done.stdout.strip() == "[]"
 
 
+# --------------------------------------------------------------------------- frame order
+
+
+def test_natural_order_compares_digit_runs_as_numbers():
+    names = ["10.png", "9.png", "0.png", "100.png", "11.png", "1.png"]
+    assert [names[i] for i in natural_order(names)] == [
+        "0.png", "1.png", "9.png", "10.png", "11.png", "100.png"
+    ]
+    # Folders do not take part; digit runs after text are numbers too.
+    names = ["seq/frame_10.jpg", "seq/frame_2.jpg", "seq/frame_1.jpg"]
+    assert natural_order(names).tolist() == [2, 1, 0]
+    # Zero-padded names keep their text order, and so do names without digits.
+    assert natural_order([f"{i:06d}.png" for i in range(12)]).tolist() == list(range(12))
+    assert natural_order(["hall.png", "bridge.png", "kitchen.png"]).tolist() == [1, 0, 2]
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["0.png", "1.png", "01.png"], "1.png and 01.png carry the same frame number"),
+        (["1.png", "1.jpg"], "1.png and 1.jpg carry the same frame number"),
+        (["left_1.png", "right_1.png", "left_2.png"], r"2 different patterns \('left_#'"),
+        (["0.png", "frame_1.png"], "order is ambiguous"),
+    ],
+)
+def test_natural_order_refuses_ambiguous_names(names, message):
+    with pytest.raises(EvaluationError, match=message):
+        natural_order(names, "--images d")
+
+
+def loop_descriptors(positions_count: int, places: int, seed: int = 9) -> np.ndarray:
+    """Descriptors of a loop: one code per place plus a little noise, float32."""
+    rng = np.random.default_rng(seed)
+    codes = rng.standard_normal((places, 32)).astype(np.float32)
+    place = np.arange(positions_count) % places
+    return codes[place] + 0.05 * rng.standard_normal((positions_count, 32)).astype(np.float32)
+
+
+def test_cli_pairs_unpadded_frame_names_with_poses_in_natural_order(tmp_path, capsys):
+    # 300 frames named 0.png ... 299.png, saved in text order (0, 1, 10, 100, 101, ...), as a
+    # folder listing gives them: pose k belongs to frame k, not to the k-th name in text order.
+    positions = loop_positions(places=100, laps=3)
+    values = loop_descriptors(300, 100)
+    text_order = sorted(range(300), key=lambda i: f"{i}.png")
+    names = [f"seq/{i}.png" for i in text_order]
+    write_descriptors(tmp_path / "d.npz", "npz", values[text_order], names)
+    poses = write_kitti_poses(tmp_path / "poses.txt", positions)
+    out = tmp_path / "out"
+    args = ["evaluate", "--poses", str(poses), "--descriptors", str(tmp_path / "d.npz"),
+            "--dims", "0", "--suppression", "21", "--no-plots", "--out", str(out)]
+    assert cli_main(args) == 0
+    captured = capsys.readouterr()
+    expected = evaluate(values, positions, EvaluationSettings(suppression=21))
+    assert auc_line(captured.out) == pytest.approx(expected.auc, abs=1e-9)
+    assert auc_line(captured.out) > 0.99
+    assert ("natural order of the names (digit runs as numbers), which differs from plain text "
+            "order: 0.png ... 299.png") in captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"]["first"] == "seq/0.png" and summary["frames"]["last"] == "seq/299.png"
+    assert summary["settings"]["dims"] is None  # --dims 0 means every dimension
+
+    # The same rows given with an --images folder are paired by name, whatever their order.
+    folder = tmp_path / "seq"
+    folder.mkdir()
+    for i in range(300):
+        (folder / f"{i}.png").write_bytes(b"")  # only the names are read: no server involved
+    assert cli_main([*args[:3], "--images", str(folder), *args[3:]]) == 0
+    assert auc_line(capsys.readouterr().out) == pytest.approx(expected.auc, abs=1e-9)
+
+    # Names that collide in natural order stop the run before any work, naming both.
+    (folder / "07.png").write_bytes(b"")
+    assert cli_main([*args[:3], "--images", str(folder), *args[3:]]) == 1
+    err = capsys.readouterr().err
+    assert f"--images {folder}: 07.png and 7.png carry the same frame number" in err
+
+
+def test_cli_descriptor_names_that_do_not_match_the_images_are_refused(tmp_path, capsys):
+    folder = tmp_path / "seq"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.png").write_bytes(b"")
+    write_descriptors(tmp_path / "d.npz", "npz", np.eye(6, dtype=np.float32),
+                      [f"other/{i}.jpg" for i in range(6)])
+    poses = write_kitti_poses(tmp_path / "p.txt", loop_positions(3, 2))
+    assert cli_main(["evaluate", "--poses", str(poses), "--images", str(folder), "--descriptors",
+                     str(tmp_path / "d.npz"), "--dims", "all", "--suppression", "1",
+                     "--no-plots", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "no row is named like 0.png, 1.png, 2.png, 3.png, 4.png and 1 more" in err
+
+
+# --------------------------------------------------------------------------- results on disk
+
+
+def test_closed_stdout_still_writes_every_file_and_exits_quietly(tmp_path):
+    paths = synthetic_run(tmp_path)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "netvlad_client.cli", "evaluate", "--poses", str(paths["poses"]),
+           "--descriptors", str(paths["good"]), "--dims", "32", "--suppression", "51",
+           "--out", str(out)]
+    for env in ({}, {"PYTHONUNBUFFERED": "1"}):
+        # The reader is gone before the first line is printed (`| head -1` after one line, or
+        # `| true`): the report cannot be written, the files must be.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**__import__("os").environ, **env})
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 0, err
+        assert "Broken pipe" not in err and "Traceback" not in err, err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["results"][0]["auc"] > 0.99
+        for name in ("pr_curve.png", "trajectory.png", "confusion_descriptors.png",
+                     "confusion_positions.png", "matches.csv"):
+            assert (out / name).stat().st_size > 0, name
+        for name in list(out.iterdir()):
+            name.unlink()
+
+
+# --------------------------------------------------------------------------- timed ground truth
+
+
+def test_timestamps_in_file_names():
+    assert name_time_ns("rgb/1305031102.175304.png") == 1305031102175304000
+    assert name_time_ns("1403636579763555584.png") == 1403636579763555584  # EuRoC: nanoseconds
+    assert name_time_ns("frame_12.5.png") == 12_500_000_000
+    assert name_time_ns("1305031102.png") == 1305031102_000_000_000  # short whole: seconds
+    with pytest.raises(EvaluationError, match=r"frame left\.png: its name carries no timestamp"):
+        name_time_ns("a/left.png")
+    order, times = time_order(["2.5.png", "10.0.png", "2.25.png"])
+    assert order.tolist() == [2, 0, 1]  # 2.25 s, 2.5 s, 10 s: decimals are not digit runs
+    assert times.tolist() == [2_250_000_000, 2_500_000_000, 10_000_000_000]
+    with pytest.raises(EvaluationError, match=r"1\.5\.png and 1\.500\.png carry the same"):
+        time_order(["1.5.png", "1.500.png"])
+
+
+def test_tum_and_euroc_ground_truth_files(tmp_path):
+    tum = tmp_path / "groundtruth.txt"
+    tum.write_text(
+        "# ground truth trajectory\n# timestamp tx ty tz qx qy qz qw\n"
+        "1305031098.6659 1.3563 0.6305 1.6380 0.6132 0.5962 -0.3311 -0.3986\n"
+        "1305031098.6758 1.3543 0.6341 1.6374 0.6131 0.5961 -0.3308 -0.3990\n"
+        "1305031098.6559 1.3500 0.6300 1.6300 0.6132 0.5962 -0.3311 -0.3986\n"
+    )
+    truth = read_tum_trajectory(tum)
+    assert truth.times_ns.tolist() == [1305031098655900000, 1305031098665900000,
+                                       1305031098675800000]  # sorted by time
+    np.testing.assert_allclose(truth.positions[1], [1.3563, 0.6305, 1.6380])
+    euroc = tmp_path / "data.csv"
+    euroc.write_text(
+        "#timestamp, p_RS_R_x [m], p_RS_R_y [m], p_RS_R_z [m], q_RS_w [], q_RS_x [], q_RS_y [], "
+        "q_RS_z [], v_RS_R_x [m s^-1], v_RS_R_y [m s^-1], v_RS_R_z [m s^-1], b_w_RS_S_x "
+        "[rad s^-1], b_w_RS_S_y [rad s^-1], b_w_RS_S_z [rad s^-1], b_a_RS_S_x [m s^-2], "
+        "b_a_RS_S_y [m s^-2], b_a_RS_S_z [m s^-2]\n"
+        "1403636580838555648,4.688319,-1.786938,0.783338,0.534108,-0.153029,-0.827383,-0.082152,"
+        "-0.027876,0.033207,0.800006,-0.003172,0.021267,0.078502,-0.025266,0.136696,0.075593\n"
+        "1403636580843555328,4.688177,-1.786770,0.787350,0.534640,-0.152990,-0.826863,-0.082422,"
+        "-0.029272,0.033992,0.804600,-0.003172,0.021267,0.078502,-0.025266,0.136696,0.075593\n"
+    )
+    truth = read_euroc_groundtruth(euroc)
+    assert truth.times_ns.tolist() == [1403636580838555648, 1403636580843555328]  # exact
+    np.testing.assert_allclose(truth.positions[0], [4.688319, -1.786938, 0.783338])
+
+    bad = tmp_path / "bad.txt"
+    cases = [
+        (read_tum_trajectory, "1 2 3\n", "expected 8 values .* got 3 \\(a plain position"),
+        (read_tum_trajectory, " ".join(["1"] * 12) + "\n", "got 12 \\(a KITTI poses file"),
+        (read_tum_trajectory, "1403636580838555648,1,2,3\n", "use --euroc"),
+        (read_tum_trajectory, "12:00 1 2 3 0 0 0 1\n", "line 1: expected a timestamp in seconds"),
+        (read_euroc_groundtruth, "1305031098.6659 1 2 3 0 0 0 1\n", "seconds\\? a TUM"),
+        (read_euroc_groundtruth, "1403636580838555648,1,2\n", "at least 4 values"),
+        (read_euroc_groundtruth, "# only a header\n", "holds no data rows"),
+    ]
+    for reader, text, message in cases:
+        bad.write_text(text)
+        with pytest.raises(EvaluationError, match=message):
+            reader(bad)
+
+
+def test_match_times_takes_the_nearest_sample_within_the_tolerance():
+    from netvlad_client.evaluation import GroundTruth
+
+    truth = GroundTruth(np.array([100, 200, 300], dtype=np.int64), np.zeros((3, 3)))
+    frames = np.array([40, 90, 149, 150, 151, 310, 351, 400])
+    # 150 is as near 100 as 200: the earlier sample wins; 50 away is still within 50.
+    assert match_times(frames, truth, 50).tolist() == [-1, 0, 0, 0, 1, 2, -1, -1]
+    assert match_times(np.array([50, 350]), truth, 50).tolist() == [0, 2]
+    assert match_times(frames, truth, 0).tolist() == [-1] * 8
+    assert match_times(np.array([200]), truth, 0).tolist() == [1]
+
+
+def timed_sequence(tmp_path: Path, kind: str) -> tuple[Path, Path, np.ndarray]:
+    """A 3-lap loop seen at 10 Hz by frames named by time; ground truth at 100 Hz that starts
+    0.5 s after the camera (5 frames without ground truth, as EuRoC's first frames)."""
+    positions = loop_positions(places=100, laps=3)
+    start = 1_403_636_579_763_555_584 if kind == "euroc" else 1_305_031_102_175_304_000
+    frame_ns = start + np.arange(300, dtype=np.int64) * 100_000_000
+    gt_ns = start + 500_000_000 + np.arange(2951, dtype=np.int64) * 10_000_000 + 1_000_000
+    # Ground-truth position at time t: the loop position of the frame nearest in time.
+    gt_positions = positions[np.clip(np.rint((gt_ns - start) / 1e8).astype(int), 0, 299)]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for t in frame_ns[::-1]:
+        name = f"{t}.png" if kind == "euroc" else f"{t // 10**9}.{(t % 10**9) // 1000:06d}.png"
+        (folder / name).write_bytes(b"")
+    if kind == "euroc":
+        gt = tmp_path / "data.csv"
+        rows = [f"{t},{x:.6f},{y:.6f},{z:.6f},1,0,0,0"
+                for t, (x, y, z) in zip(gt_ns, gt_positions, strict=True)]
+        gt.write_text("#timestamp [ns], p_RS_R_x [m], p_RS_R_y [m], p_RS_R_z [m], q_RS_w []"
+                      ", q_RS_x [], q_RS_y [], q_RS_z []\n" + "\n".join(rows) + "\n")
+    else:
+        gt = tmp_path / "groundtruth.txt"
+        rows = [f"{t // 10**9}.{t % 10**9:09d} {x:.6f} {y:.6f} {z:.6f} 0 0 0 1"
+                for t, (x, y, z) in zip(gt_ns, gt_positions, strict=True)]
+        gt.write_text("# timestamp tx ty tz qx qy qz qw\n" + "\n".join(rows) + "\n")
+    return folder, gt, positions
+
+
+@pytest.mark.parametrize("kind", ["tum", "euroc"])
+def test_cli_timed_ground_truth_matches_frames_by_the_time_in_their_names(tmp_path, capsys, kind):
+    folder, gt, positions = timed_sequence(tmp_path, kind)
+    values = loop_descriptors(300, 100)
+    np.save(tmp_path / "d.npy", values)  # rows in time order, as evaluate saves them
+    out = tmp_path / "out"
+    args = ["evaluate", f"--{kind}", str(gt), "--images", str(folder), "--descriptors",
+            str(tmp_path / "d.npy"), "--dims", "all", "--suppression", "21", "--out", str(out)]
+    assert cli_main([*args, "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    # The first 5 frames (0.5 s before the ground truth starts) are left out and named.
+    expected = evaluate(values[5:], positions[5:], EvaluationSettings(suppression=21))
+    assert auc_line(captured.out) == pytest.approx(expected.auc, abs=1e-9)
+    assert "by the timestamps in the names" in captured.err
+    assert "295 of 300 frames have ground truth within 0.02 s; left out 5 without" in captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"]["evaluated"] == 295
+    assert len(summary["frames"]["without_ground_truth"]) == 5
+    assert summary["positions"]["kind"] == kind
+
+    # A tolerance below the 1 ms offset matches nothing: the error gives both time spans.
+    assert cli_main([*args, "--no-plots", "--time-tolerance", "0.0005"]) == 1
+    err = capsys.readouterr().err
+    assert "only 0 of the 300 frames" in err and "raise --time-tolerance" in err
+    assert "the ground truth 1" in err
+
+    # Descriptors without names and no images: nothing to read the times from.
+    assert cli_main(["evaluate", f"--{kind}", str(gt), "--descriptors", str(tmp_path / "d.npy"),
+                     "--no-plots", "--out", str(out)]) == 1
+    assert "carries no names; give --images DIR" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- match list, figures
+
+
+def test_cli_match_list_and_trajectory_with_loop_closures(tmp_path, capsys):
+    positions = loop_positions(places=100, laps=3)
+    values = loop_descriptors(300, 100)
+    rng = np.random.default_rng(3)
+    values[250:] = rng.standard_normal((50, 32))  # the last 50 frames match wrongly
+    np.save(tmp_path / "d.npy", values)
+    np.savetxt(tmp_path / "p.txt", positions)
+    out = tmp_path / "out"
+    assert cli_main(["evaluate", "--positions", str(tmp_path / "p.txt"), "--descriptors",
+                     str(tmp_path / "d.npy"), "--dims", "all", "--suppression", "21",
+                     "--closure-precision", "0.8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    ev = evaluate(values, positions, EvaluationSettings(suppression=21))
+    accepted = accepted_at_precision(ev, 0.8)
+    # The longest prefix of the acceptance order with precision >= 0.8, and not one more.
+    assert ev.precision[len(accepted) - 1] >= 0.8
+    assert len(accepted) == len(ev.order) or ev.precision[len(accepted):].max() < 0.8
+    true = int(ev.true_positive[accepted].sum())
+    assert len(accepted) - true > 0 and true > 200  # both kinds are drawn
+    assert (f"loop closures at precision >= 0.8: {len(accepted)} accepted ({true} true, "
+            f"{len(accepted) - true} false)") in printed
+
+    with (out / "matches.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 300
+    assert list(rows[0]) == ["frame", "name", "match", "match_name", "squared_distance",
+                             "acceptance_rank", "accepted", "true_positive", "has_true_revisit",
+                             "position_distance", "x", "y", "z", "match_x", "match_y", "match_z"]
+    for i, row in enumerate(rows):
+        assert int(row["match"]) == ev.match[i]
+        assert float(row["squared_distance"]) == pytest.approx(ev.match_distance[i], rel=1e-7)
+        assert row["true_positive"] == str(int(ev.true_positive[i]))
+        assert int(row["acceptance_rank"]) == ev.order.tolist().index(i)
+        distance = np.linalg.norm(positions[i] - positions[ev.match[i]])
+        assert float(row["position_distance"]) == pytest.approx(distance, abs=1e-6)
+        assert float(row["x"]) == pytest.approx(positions[i, 0])
+    assert sorted(int(r["frame"]) for r in rows if r["accepted"] == "1") == sorted(accepted)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["loop_closures"]["accepted"] == len(accepted)
+    assert summary["loop_closures"]["true"] == true
+    assert_png(out / "trajectory.png")
+
+    # The figure: one green line per accepted true match, one red per false, x-y plane.
+    fig = trajectory_figure(positions, ev.match, accepted, ev.true_positive, "xz", "t")
+    from matplotlib.collections import LineCollection
+
+    lines = [c for c in fig.axes[0].collections if isinstance(c, LineCollection)]
+    green, red = lines
+    assert len(green.get_segments()) == true and len(red.get_segments()) == len(accepted) - true
+    first = accepted[0]
+    np.testing.assert_allclose(
+        green.get_segments()[0] if ev.true_positive[first] else red.get_segments()[0],
+        positions[[first, ev.match[first]]][:, [0, 2]],
+    )
+    assert tuple(green.get_colors()[0][:3]) != tuple(red.get_colors()[0][:3])
+    assert green.get_colors()[0][1] > green.get_colors()[0][0]  # green
+    assert red.get_colors()[0][0] > red.get_colors()[0][1]  # red
+
+
+def test_confusion_title_stays_clear_of_the_colour_bar():
+    frames = np.arange(0, 4541, 5)
+    matrix = np.random.default_rng(0).random((len(frames), len(frames))).astype(np.float32)
+    title = ("Descriptor distances (vd16_pitts30k_conv5_3_vlad_preL2_intra_white, suppressed "
+             "band of 501 blank, every 5th frame)")
+    fig = confusion_figure(matrix, frames, title, "squared descriptor distance")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    texts = [t for t in (fig._suptitle, *(ax.title for ax in fig.axes)) if t and t.get_text()]
+    assert texts, "no title drawn"
+    whole = fig.bbox
+    image_axes, colour_bar = fig.axes
+    # Clear of the picture and of the whole colour bar (its ticks and label included).
+    for box in (image_axes.get_window_extent(renderer), colour_bar.get_tightbbox(renderer)):
+        for text in texts:
+            assert not text.get_window_extent(renderer).overlaps(box), text.get_text()
+    for text in texts:
+        extent = text.get_window_extent(renderer)
+        assert whole.x0 <= extent.x0 and extent.x1 <= whole.x1 and extent.y1 <= whole.y1
+
+
 # --------------------------------------------------------------------------- through a server
 
 
@@ -642,7 +989,7 @@ def test_end_to_end_through_a_real_server(tiny_server_process, tmp_path, capsys)
     for frame in range(places * laps):
         noise = rng.integers(-3, 4, size=(32, 32))
         picture = np.clip(scenes[frame % places].astype(int) + noise, 0, 255).astype(np.uint8)
-        write_png(images / f"{frame:06d}.png", picture)
+        write_png(images / f"{frame}.png", picture)  # unpadded: text order would be 0, 1, 10
         pixels.append(picture)
     poses = write_kitti_poses(tmp_path / "00.txt", loop_positions(places, laps, 600.0))
     out = tmp_path / "out"
@@ -655,7 +1002,8 @@ def test_end_to_end_through_a_real_server(tiny_server_process, tmp_path, capsys)
 
     assert cli_main(["--target", tiny_server_process.target, *args]) == 0
     first = capsys.readouterr()
-    saved = np.load(out / "descriptors.npy")
+    assert "natural order of the names (digit runs as numbers), which differs" in first.err
+    saved = np.load(out / "descriptors.npy")  # in frame order 0, 1, 2, ..., 35
     expected = np.stack([reference(p) for p in pixels])  # the network called directly
     np.testing.assert_allclose(saved, expected, atol=1e-5)
     auc = auc_line(first.out)

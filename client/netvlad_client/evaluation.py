@@ -33,8 +33,10 @@ Definitions (the netvlad_tf / MATLAB KITTI test, made precise):
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,7 @@ DEFAULT_RECALL_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # Distance-matrix entries held per row block: 2 M entries = 8 MB as float32 (peak ~ 5x that).
 BLOCK_ELEMENTS = 1 << 21
 _EPS32 = float(np.finfo(np.float32).eps)
+_TITLE_CHARACTERS = 60  # a title line of a 6-inch figure
 
 
 class EvaluationError(ValueError):
@@ -513,10 +516,14 @@ def plot_pr_curves(
     return out
 
 
-def plot_confusion(
-    matrix: np.ndarray, frames: np.ndarray, title: str, colour_label: str, path: str | Path
-) -> Path:
-    """Draw one subsampled distance matrix (NaN band left blank) into a PNG."""
+def confusion_figure(
+    matrix: np.ndarray, frames: np.ndarray, title: str, colour_label: str
+) -> Any:
+    """One subsampled distance matrix (NaN band left blank) as a Figure.
+
+    The title is the figure's, wrapped to the figure's width, so however long it is it sits
+    above the picture and its colour bar instead of running into the bar.
+    """
     fig = _figure(6.0, 5.0)
     ax = fig.add_subplot()
     last = float(frames[-1]) if len(frames) else 0.0
@@ -529,9 +536,86 @@ def plot_confusion(
     fig.colorbar(image, ax=ax, label=colour_label)
     ax.set_xlabel("frame")
     ax.set_ylabel("frame")
-    ax.set_title(title)
+    fig.suptitle(textwrap.fill(title, width=_TITLE_CHARACTERS))
+    return fig
+
+
+def plot_confusion(
+    matrix: np.ndarray, frames: np.ndarray, title: str, colour_label: str, path: str | Path
+) -> Path:
+    """Draw one subsampled distance matrix (NaN band left blank) into a PNG."""
     out = Path(path)
-    fig.savefig(out, dpi=110)
+    confusion_figure(matrix, frames, title, colour_label).savefig(out, dpi=110)
+    return out
+
+
+PLOT_PLANES = ("xy", "xz", "yz")
+_CLOSURE_COLOURS = {True: "#1a9641", False: "#d7191c"}  # green: true, red: false
+
+
+def trajectory_figure(
+    positions: np.ndarray,
+    match: np.ndarray,
+    accepted: np.ndarray,
+    is_true: np.ndarray,
+    plane: str,
+    title: str,
+) -> Any:
+    """The trajectory seen from above with the accepted loop closures drawn as lines.
+
+    ``accepted`` lists frames whose best match ``match[frame]`` is accepted; ``is_true`` says
+    per frame whether that match is a true positive (green line and dot) or not (red, drawn on
+    top so that a few false closures among many true ones still show).
+    """
+    if plane not in PLOT_PLANES:
+        raise EvaluationError(f"plot plane must be one of {', '.join(PLOT_PLANES)}; got {plane!r}")
+    from matplotlib.collections import LineCollection
+
+    a, b = ("xyz".index(plane[0]), "xyz".index(plane[1]))
+    p = check_positions(positions)[:, [a, b]]
+    fig = _figure(6.5, 6.0)
+    ax = fig.add_subplot()
+    ax.plot(p[:, 0], p[:, 1], color="0.55", linewidth=1.0, label="trajectory", zorder=1)
+    ax.plot(*p[0], marker="o", color="black", linestyle="none", label="start", zorder=3)
+    for verdict in (True, False):
+        frames = accepted[is_true[accepted] == verdict]
+        kind = "true" if verdict else "false"
+        segments = np.stack([p[frames], p[match[frames]]], axis=1) if frames.size else []
+        ax.add_collection(
+            LineCollection(
+                segments,
+                colors=_CLOSURE_COLOURS[verdict],
+                linewidths=1.2,
+                alpha=0.8,
+                label=f"{kind} loop closures ({frames.size})",
+                zorder=2 if verdict else 3,
+            )
+        )
+        # A dot where each closure was found: a revisit on exactly the same path draws a line
+        # of no length, and the dot still shows it.
+        ax.scatter(p[frames, 0], p[frames, 1], s=7, color=_CLOSURE_COLOURS[verdict],
+                   zorder=2 if verdict else 3, linewidths=0)
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xlabel(f"{plane[0]} (position units)")
+    ax.set_ylabel(f"{plane[1]} (position units)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.suptitle(textwrap.fill(title, width=_TITLE_CHARACTERS + 6))
+    return fig
+
+
+def plot_trajectory(
+    positions: np.ndarray,
+    match: np.ndarray,
+    accepted: np.ndarray,
+    is_true: np.ndarray,
+    plane: str,
+    title: str,
+    path: str | Path,
+) -> Path:
+    """Draw the trajectory with its accepted loop closures into a PNG (see trajectory_figure)."""
+    out = Path(path)
+    trajectory_figure(positions, match, accepted, is_true, plane, title).savefig(out, dpi=110)
     return out
 
 
@@ -620,3 +704,222 @@ def read_descriptors(
         raise EvaluationError(str(exc)) from None
     values = check_descriptors(loaded.values, f"descriptor file {loaded.path}")
     return DescriptorFile(loaded.path, values.astype(np.float32, copy=False), loaded.names)
+
+
+# --------------------------------------------------------------------------- frame order
+
+_DIGITS = re.compile(r"(\d+)")
+_SHOWN_NAMES = 5
+
+
+def _shown(names: Sequence[str]) -> str:
+    """A few names for an error message ("a, b, c and 7 more")."""
+    more = len(names) - _SHOWN_NAMES
+    return ", ".join(names[:_SHOWN_NAMES]) + (f" and {more} more" if more > 0 else "")
+
+
+def frame_name(name: str) -> str:
+    """The part of a frame's name that orders it: the file name without folders."""
+    return Path(name).name
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """Sort key of a frame name as people number frames: digit runs compare as numbers.
+
+    The extension is left out, so ``9.png`` comes before ``10.png`` and ``1.png`` collides
+    with ``1.jpg`` (the same frame number twice).
+    """
+    stem = Path(frame_name(name)).stem
+    return tuple(int(part) if part.isdigit() else part for part in _DIGITS.split(stem))
+
+
+def name_pattern(name: str) -> str:
+    """A frame name with every digit run replaced by '#': frames of one sequence share it."""
+    return _DIGITS.sub("#", Path(frame_name(name)).stem)
+
+
+def natural_order(names: Sequence[str], source: str = "frames") -> np.ndarray:
+    """Indices that put frame names into natural order, refusing any ambiguous set of names.
+
+    Ambiguous: two names that are the same frame number (``1.png`` and ``01.png``), or
+    numbered names of different patterns (``left_1.png`` and ``right_1.png``: two sequences in
+    one folder). Names without any digit keep their text order.
+    """
+    fix = ("keep one sequence's frames, numbered alike, in the folder (or give its descriptors "
+           "in frame order in a file without names, such as .npy)")
+    patterns: dict[str, str] = {}
+    for name in names:
+        patterns.setdefault(name_pattern(name), frame_name(name))
+    if len(patterns) > 1 and any("#" in pattern for pattern in patterns):
+        examples = ", ".join(f"{p!r} (e.g. {n})" for p, n in list(patterns.items())[:4])
+        raise EvaluationError(
+            f"{source}: the frame names follow {len(patterns)} different patterns ({examples}; "
+            f"# stands for a number), so their order is ambiguous; {fix}"
+        )
+    keys = [natural_key(name) for name in names]
+    order = sorted(range(len(names)), key=lambda i: keys[i])
+    for a, b in itertools.pairwise(order):
+        if keys[a] == keys[b]:
+            raise EvaluationError(
+                f"{source}: {frame_name(names[a])} and {frame_name(names[b])} carry the same "
+                f"frame number, so their order is ambiguous; rename or remove one of them"
+            )
+    return np.array(order, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- timestamps
+
+NS_PER_S = 1_000_000_000
+# Whole numbers with this many digits or more are nanoseconds (EuRoC: 1403636579763555584).
+NANOSECOND_DIGITS = 19
+_NAME_TIME = re.compile(r"(\d+)(?:\.(\d+))?$")
+
+
+def seconds_to_ns(text: str) -> int:
+    """Exact nanoseconds of a decimal number of seconds such as '1305031102.175304'."""
+    whole, _, fraction = text.strip().partition(".")
+    if not whole.isdigit() or (fraction and not fraction.isdigit()):
+        raise ValueError(f"not a timestamp in seconds: {text!r}")
+    return int(whole) * NS_PER_S + int((fraction or "0").ljust(9, "0")[:9])
+
+
+def name_time_ns(name: str) -> int:
+    """The timestamp a frame's file name carries, in nanoseconds.
+
+    The name's stem ends in the timestamp: with a decimal point it is seconds (TUM:
+    ``1305031102.175304.png``); a whole number of 19 or more digits is nanoseconds (EuRoC:
+    ``1403636579763555584.png``); a shorter whole number is seconds.
+    """
+    stem = Path(frame_name(name)).stem
+    found = _NAME_TIME.search(stem)
+    if found is None:
+        raise EvaluationError(
+            f"frame {frame_name(name)}: its name carries no timestamp (expected names such as "
+            f"1305031102.175304.png in seconds or 1403636579763555584.png in nanoseconds)"
+        )
+    whole, fraction = found.groups()
+    if fraction is None and len(whole) >= NANOSECOND_DIGITS:
+        return int(whole)
+    return seconds_to_ns(found.group(0))
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """Timestamped positions of a trajectory (TUM or EuRoC ground truth), sorted by time."""
+
+    times_ns: np.ndarray  # int64 nanoseconds, ascending
+    positions: np.ndarray  # (N, 3) float64
+
+
+def _fields(path: Path, what: str) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of each data line; blank and '#' lines skipped."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise EvaluationError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            rows.append((lineno, [f for f in _SPLIT.split(stripped) if f]))
+    if not rows:
+        raise EvaluationError(f"{what} {path} holds no data rows")
+    return rows
+
+
+def _ground_truth(
+    path: Path, what: str, rows: list[tuple[int, int, list[float]]]
+) -> GroundTruth:
+    """Sorted GroundTruth from (line number, nanoseconds, [x, y, z]) rows."""
+    times = np.array([t for _, t, _ in rows], dtype=np.int64)
+    positions = check_positions(np.array([p for _, _, p in rows]), f"{what} {path}")
+    order = np.argsort(times, kind="stable")
+    return GroundTruth(times[order], positions[order])
+
+
+def read_tum_trajectory(path: str | Path) -> GroundTruth:
+    """TUM RGB-D ground truth: 'timestamp tx ty tz qx qy qz qw' a row, seconds, '#' comments."""
+    p = Path(path)
+    what = "TUM trajectory"
+    rows = []
+    for lineno, fields in _fields(p, what):
+        if len(fields) != 8:
+            hint = {12: " (a KITTI poses file? use --poses)",
+                    3: " (a plain position file? use --positions)"}.get(len(fields), "")
+            if len(fields) >= 4 and len(fields[0]) >= NANOSECOND_DIGITS:
+                hint = " (EuRoC ground truth in nanoseconds? use --euroc)"
+            raise EvaluationError(
+                f"{what} {p} line {lineno}: expected 8 values (timestamp tx ty tz qx qy qz qw), "
+                f"got {len(fields)}{hint}"
+            )
+        try:
+            rows.append((lineno, seconds_to_ns(fields[0]), [float(f) for f in fields[1:4]]))
+        except ValueError:
+            raise EvaluationError(
+                f"{what} {p} line {lineno}: expected a timestamp in seconds and numbers; got "
+                f"{' '.join(fields)[:80]!r}"
+            ) from None
+    return _ground_truth(p, what, rows)
+
+
+def read_euroc_groundtruth(path: str | Path) -> GroundTruth:
+    """EuRoC ground truth CSV (state_groundtruth_estimate0/data.csv, or leica0/vicon0):
+    '#timestamp [ns], p_RS_R_x [m], p_RS_R_y [m], p_RS_R_z [m], ...' a row."""
+    p = Path(path)
+    what = "EuRoC ground truth"
+    rows = []
+    for lineno, fields in _fields(p, what):
+        if len(fields) < 4:
+            raise EvaluationError(
+                f"{what} {p} line {lineno}: expected a timestamp in nanoseconds and x, y, z "
+                f"(at least 4 values), got {len(fields)}"
+            )
+        if not fields[0].isdigit():
+            hint = " (seconds? a TUM trajectory is read with --tum)" if "." in fields[0] else ""
+            raise EvaluationError(
+                f"{what} {p} line {lineno}: the timestamp {fields[0]!r} is not a whole number "
+                f"of nanoseconds{hint}"
+            )
+        try:
+            rows.append((lineno, int(fields[0]), [float(f) for f in fields[1:4]]))
+        except ValueError:
+            raise EvaluationError(
+                f"{what} {p} line {lineno}: x, y, z are not numbers: {fields[1:4]}"
+            ) from None
+    return _ground_truth(p, what, rows)
+
+
+def match_times(frame_ns: np.ndarray, truth: GroundTruth, tolerance_ns: int) -> np.ndarray:
+    """Index of each frame's nearest ground-truth sample in time, -1 when none is within the
+    tolerance (equally near samples: the earlier one)."""
+    t = np.asarray(frame_ns, dtype=np.int64)
+    gt = truth.times_ns
+    after = np.clip(np.searchsorted(gt, t), 0, len(gt) - 1)
+    before = np.clip(after - 1, 0, len(gt) - 1)
+    gap_after = np.abs(gt[after] - t)
+    gap_before = np.abs(t - gt[before])
+    nearest = np.where(gap_before <= gap_after, before, after)
+    gap = np.minimum(gap_before, gap_after)
+    return np.where(gap <= tolerance_ns, nearest, -1)
+
+
+def time_order(names: Sequence[str], source: str = "frames") -> tuple[np.ndarray, np.ndarray]:
+    """Indices putting frames in time order (by the timestamps in their names), and the sorted
+    timestamps; two frames with the same timestamp are refused."""
+    times = np.array([name_time_ns(name) for name in names], dtype=np.int64)
+    order = np.argsort(times, kind="stable")
+    same = np.flatnonzero(np.diff(times[order]) == 0)
+    if same.size:
+        a, b = order[same[0]], order[same[0] + 1]
+        raise EvaluationError(
+            f"{source}: {frame_name(names[a])} and {frame_name(names[b])} carry the same "
+            f"timestamp, so their order is ambiguous; remove one of them"
+        )
+    return order, times[order]
+
+
+def accepted_at_precision(ev: Evaluation, min_precision: float) -> np.ndarray:
+    """Frames whose matches are accepted as loop closures at the largest recall that keeps
+    precision >= min_precision: the longest prefix of the acceptance order that does."""
+    ok = np.flatnonzero(ev.precision >= min_precision - 1e-12)
+    return ev.order[: int(ok[-1]) + 1] if ok.size else ev.order[:0]

@@ -14,11 +14,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-PROTO_FILES = ["netvlad/v1/netvlad.proto"]
+PROTO_FILES = ["netvlad/v1/netvlad.proto", "netvlad/v1/places.proto"]
 OUT_DIR = ROOT / "client" / "netvlad_client" / "_proto"
 PACKAGE = "netvlad_client._proto"
 INIT_TEXT = (
-    '"""Generated from proto/netvlad/v1/netvlad.proto by scripts/gen_proto.py; do not edit."""\n'
+    '"""Generated from proto/netvlad/v1/*.proto by scripts/gen_proto.py; do not edit."""\n'
 )
 
 

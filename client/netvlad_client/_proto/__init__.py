@@ -1,1 +1,1 @@
-"""Generated from proto/netvlad/v1/netvlad.proto by scripts/gen_proto.py; do not edit."""
+"""Generated from proto/netvlad/v1/*.proto by scripts/gen_proto.py; do not edit."""

@@ -6,6 +6,8 @@ tiny test model and the released 4096-D model run through exactly the same code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tensorflow as tf
 
@@ -98,12 +100,12 @@ def truncate_descriptors(desc: np.ndarray, dims: int) -> np.ndarray:
 
 
 def _l2_max(x: tf.Tensor, axis: int) -> tf.Tensor:
-    """x / sqrt(max(sum x^2, 1e-12)) along axis (SPEC steps 8 and 14)."""
+    """x / sqrt(max(sum x^2, 1e-12)) along axis (docs/NETWORK.md, steps 8 and 14)."""
     return x / tf.sqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=axis, keepdims=True), 1e-12))
 
 
 def _l2_plus(x: tf.Tensor, axis: int) -> tf.Tensor:
-    """x / sqrt(sum x^2 + 1e-12) along axis, MatConvNet style (SPEC steps 11 and 12)."""
+    """x / sqrt(sum x^2 + 1e-12) along axis, MatConvNet style (docs/NETWORK.md, steps 11 and 12)."""
     return x / tf.sqrt(tf.reduce_sum(tf.square(x), axis=axis, keepdims=True) + 1e-12)
 
 
@@ -119,7 +121,7 @@ class NetVLADNetwork:
         self.device = device or default_device()
         self._dtype = tf.as_dtype(precision)  # convolutions, ReLUs and pools run in this type
         with tf.device(self.device):  # weights live where the maths runs: no copy per call
-            self._build_constants(weights)
+            self._build_tensors(weights)
         self.layer_names = [name for name, _ in layer_plan()]
         offset = tf.TensorSpec([3], tf.float32)
         self._descriptors = tf.function(
@@ -132,13 +134,28 @@ class NetVLADNetwork:
         self._all_layers = tf.function(
             self._layers, input_signature=[tf.TensorSpec([None, None, None, None], tf.float32),
                                            offset])
+        self._from_features = tf.function(  # the int8 path's float32 tail (tflite.py)
+            lambda x: self._tail(x)[-1],
+            input_signature=[tf.TensorSpec([None, None, None, None], tf.float32)])
 
-    def _build_constants(self, weights: NetVLADWeights) -> None:
-        """Turn the weight arrays into constants: convolutions in the compute type, the rest f32."""
+    def _build_tensors(self, weights: NetVLADWeights) -> None:
+        """Hold each weight once as a device tensor: convolutions in the compute type, rest f32.
+
+        The traced functions capture these tensors by reference. Writing the convolution kernels
+        into each traced graph as constants instead cost about 0.55 GB per trace on the full
+        model (graph, function library, optimised copies and oneDNN's cached kernels) for a few
+        percent of speed at batch 1; see docs/BENCHMARKS.md.
+        """
         t = weights.tensors
         self._mean = tf.constant(np.reshape(t["average_rgb"], [3]), tf.float32)
-        # Kept as arrays and written into each traced graph as constants (see _layers).
-        self._convs = [(t[f"{name}/kernel"], t[f"{name}/bias"]) for name in CONV_LAYERS]
+        self._convs = [(tf.constant(t[f"{name}/kernel"], self._dtype),  # [kh, kw, in, out]
+                        tf.constant(t[f"{name}/bias"], self._dtype))  # [out]
+                       for name in CONV_LAYERS]
+        # float32_reference needs the float32 kernels of a lower-precision network: views of the
+        # loaded arrays (no copy), kept until drop_float32_weights().
+        self._convs_float32: list[tuple[np.ndarray, np.ndarray]] | None = (
+            None if self._dtype == tf.float32 else
+            [(t[f"{name}/kernel"], t[f"{name}/bias"]) for name in CONV_LAYERS])
         dims, clusters = t["assignment/kernel"].shape[2:]
         self.cluster_dim, self.num_clusters = int(dims), int(clusters)
         self._assign = tf.constant(np.reshape(t["assignment/kernel"], [dims, clusters]))  # D x K
@@ -147,22 +164,28 @@ class NetVLADNetwork:
         self.output_dims = int(wpca.shape[-1])
         self._wpca = tf.constant(np.reshape(wpca, [dims * clusters, self.output_dims]))  # DK x P
         self._wpca_bias = tf.constant(t["WPCA/bias"])  # [P]
+        # tf.constant leaves a second, temporary copy of a large array until the next eager
+        # operation: let it go now rather than at the first request (0.5 GB for the WPCA).
+        tf.identity(self._mean)
 
     def _layers(self, images: tf.Tensor, offset: tf.Tensor) -> list[tf.Tensor]:
         """Every layer's output, in layer_plan() order, for float32 images [B, H, W, C]."""
-        return self._layers_in(images, offset, self._dtype)
+        return self._layers_in(images, offset, self._convs)
 
-    def _layers_in(self, images: tf.Tensor, offset: tf.Tensor, dtype: tf.DType) -> list[tf.Tensor]:
-        """_layers with the convolutions, ReLUs and poolings run in `dtype`."""
+    def _layers_in(self, images: tf.Tensor, offset: tf.Tensor,
+                   convs: list[tuple[tf.Tensor, tf.Tensor]]) -> list[tf.Tensor]:
+        """_layers with these convolution weights; their type is the one convolutions run in."""
+        out = self._convolutions(images, offset, convs)
+        return out + self._tail(out[-1])  # out[-1]: conv5_3
+
+    def _convolutions(self, images: tf.Tensor, offset: tf.Tensor,
+                      convs: list[tuple[tf.Tensor, tf.Tensor]]) -> list[tf.Tensor]:
+        """The layers from conv1_1 to conv5_3, in layer_plan() order."""
         out: list[tf.Tensor] = []
         # Steps 0-1: [B,H,W,1] - [3] broadcasts a gray channel to RGB while subtracting the mean.
         x = tf.ensure_shape(images - offset, [None, None, None, 3])
-        x = tf.cast(x, dtype)
-        for name, (kernel, bias) in zip(CONV_LAYERS, self._convs, strict=True):
-            # Graph constants, not captured tensors: oneDNN then keeps each kernel in its blocked
-            # layout across calls instead of reordering it on every call (~5% at batch 1).
-            kernel = tf.constant(kernel, dtype)  # [kh, kw, in, out]
-            bias = tf.constant(bias, dtype)  # [out]
+        x = tf.cast(x, convs[0][0].dtype)
+        for name, (kernel, bias) in zip(CONV_LAYERS, convs, strict=True):
             x = tf.nn.bias_add(tf.nn.conv2d(x, kernel, strides=1, padding="SAME"), bias)
             out.append(x)
             if name != CONV_LAYERS[-1]:  # conv5_3 has no ReLU
@@ -171,8 +194,13 @@ class NetVLADNetwork:
             if name in POOL_AFTER:
                 x = tf.nn.max_pool2d(x, ksize=2, strides=2, padding="VALID")
                 out.append(x)
+        return out
+
+    def _tail(self, conv5: tf.Tensor) -> list[tf.Tensor]:
+        """The layers after conv5_3 (preL2 to finalL2), in float32, from conv5_3's output."""
+        out: list[tf.Tensor] = []
         d, k = self.cluster_dim, self.num_clusters
-        x = _l2_max(tf.cast(x, tf.float32), axis=-1)  # [B, H', W', D]
+        x = _l2_max(tf.cast(conv5, tf.float32), axis=-1)  # [B, H', W', D]
         out.append(x)
         batch = tf.shape(x)[0]
         feats = tf.reshape(x, [batch, -1, d])  # [B, N, D], N = H' * W' positions
@@ -207,12 +235,44 @@ class NetVLADNetwork:
     def float32_reference(self, images: np.ndarray) -> np.ndarray:
         """Descriptors from float32 convolutions, the rest shared: a lower precision's yardstick.
 
-        Costs no second copy of the whitening matrix, unlike a float32 NetVLADNetwork.
+        Costs no second copy of the whitening matrix, unlike a float32 NetVLADNetwork. The
+        float32 kernels exist as tensors only during the call.
         """
+        if self._dtype == tf.float32:
+            convs = self._convs
+        elif self._convs_float32 is None:
+            raise RuntimeError(
+                "float32_reference: this network's float32 kernels were released by "
+                "drop_float32_weights(); build a new NetVLADNetwork from the weights to compare")
+        else:
+            convs = self._convs_float32
         array = check_images(images).astype(np.float32, copy=False)
-        run = tf.function(lambda x: self._layers_in(x, self._mean, tf.float32)[-1])
         with tf.device(self.device):
+            kernels = [(tf.constant(kernel), tf.constant(bias)) for kernel, bias in convs]
+            run = tf.function(lambda x: self._layers_in(x, self._mean, kernels)[-1])
             return run(array).numpy()
+
+    def descriptors_from_features(self, features: np.ndarray) -> np.ndarray:
+        """Descriptors [B, P] from conv5_3 outputs [B, H', W', D]: the layers after conv5_3.
+
+        For a runtime that computes the convolutions itself (the int8 path, tflite.py).
+        """
+        with tf.device(self.device):
+            return self._from_features(np.asarray(features, np.float32)).numpy()
+
+    def layer_function(self, last: str) -> Callable[[tf.Tensor], tf.Tensor]:
+        """float32 images [B, H, W, C] -> layer `last`'s output, traceable (for converters).
+
+        A layer up to conv5_3 traces the convolutions only: no whitening matrix in the graph.
+        """
+        index = self.layer_names.index(last)
+        if index <= self.layer_names.index("conv5_3"):
+            return lambda images: self._convolutions(images, self._mean, self._convs)[index]
+        return lambda images: self._layers(images, self._mean)[index]
+
+    def drop_float32_weights(self) -> None:
+        """Let go of the float32 kernels float32_reference needs (a lower precision's copy)."""
+        self._convs_float32 = None
 
     def layer_outputs(
         self, images: np.ndarray, subtract_mean: bool = True

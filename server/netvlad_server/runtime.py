@@ -8,10 +8,12 @@ Thread counts and GPU memory growth must be set before TensorFlow runs its first
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +33,10 @@ GPU_BF16_CAPABILITY = (8, 0)  # Ampere and later: bf16 tensor cores
 GPU_FP16_CAPABILITY = (7, 0)  # Volta and Turing: fp16 tensor cores, no bf16
 AUTO_MIN_COSINE = 0.9999  # "auto" keeps a lower precision only this close to float32
 log = logging.getLogger("netvlad_server")
+# oneDNN builds of TensorFlow serve every large tensor from a pool that grows to the largest batch's
+# working set and never shrinks (about 0.7 GB after one batch of 8 at 480x640); the system
+# allocator hands those pages back once the batch is done. Speed: see docs/BENCHMARKS.md.
+MEMORY_ENVIRONMENT = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "1"}
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,7 @@ def build_network(weights: NetVLADWeights, requested: str, xla: bool = False,
     precision = resolve_precision(requested, hardware)
     network = NetVLADNetwork(weights, precision=precision, xla=xla)
     if requested != "auto":
+        network.drop_float32_weights()
         return network
     if hardware.gpu_capability is not None:
         major, minor = hardware.gpu_capability
@@ -176,6 +183,7 @@ def build_network(weights: NetVLADWeights, requested: str, xla: bool = False,
         log.info("precision auto -> float32 (%s)", why)
         return network
     cosine = agreement_with_float32(network, check_size)
+    network.drop_float32_weights()
     height, width = check_size
     if cosine < min_cosine:
         log.warning("precision auto -> float32: %s descriptors of these weights reach only cosine "
@@ -187,6 +195,34 @@ def build_network(weights: NetVLADWeights, requested: str, xla: bool = False,
     log.info("precision auto -> %s (%s; cosine to float32 %.6f on %dx%d check images)",
              precision, why, cosine, height, width)
     return network
+
+
+def prefer_returning_memory(environ: MutableMapping[str, str] | None = None) -> None:
+    """Set MEMORY_ENVIRONMENT's defaults (an operator's own value wins) before TensorFlow loads.
+
+    TensorFlow reads them when it creates its allocator, so in a process where it already runs
+    this changes nothing.
+    """
+    environ = os.environ if environ is None else environ
+    for name, value in MEMORY_ENVIRONMENT.items():
+        environ.setdefault(name, value)
+
+
+def release_free_memory() -> bool:
+    """Give the C heap's free pages back to the system (glibc malloc_trim); False elsewhere.
+
+    Loading and the first forward passes leave tens of MB free inside malloc's arenas that
+    would otherwise count in the resident size for the process's whole life.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim(ctypes.c_size_t(0))
+    return True
 
 
 def thread_settings() -> dict[str, int]:

@@ -1,0 +1,349 @@
+"""Where the full-size server's memory goes, its start-up time, and the speed cost of the fixes.
+
+Usage: python scripts/bench_memory.py [--baseline-commit REV] [--output docs/bench_memory.json]
+
+Three parts, each in fresh processes so resident sizes are the process's own:
+1. Stages: a worker process loads the weights, builds the network, runs the precision check,
+   drops the loaded arrays, warms up and runs batches of 8 at 480x640, reading its resident size
+   (RSS) after each stage; once with this tree's network, once with network.py from
+   --baseline-commit and TensorFlow's default allocator (the code before the fixes).
+2. Same speed, same descriptors: both workers stay alive and take turns on the same synthetic
+   images (old, new, new, old, ...), so the shared machine's load hits both alike; the
+   descriptors are compared bit for bit. Then --sizes distinct image sizes run twice through
+   the new worker to show where RSS stops growing.
+3. Start-up: `python -m netvlad_server --model demo` from process start to SERVING, its parts
+   from the server's log, and its RSS once SERVING and after requests of 8 images at 480x640.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import gc
+import importlib.util
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "client"))  # the shared server harness, without an install
+
+from netvlad_client.bench import harness  # noqa: E402
+
+TIMED = ((240, 320, 1), (480, 640, 1), (480, 640, 8))
+CHECK_SIZE = (480, 640)  # the server checks bfloat16 at its first warm-up size (default 480x640)
+_REPLY = "@@"  # worker replies are lines starting with this; TensorFlow may print other lines
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ \S+: (.*)$")
+MIB = 2**20
+
+
+def rss_mib() -> dict[str, float]:
+    """This process's resident size, all of it and its anonymous (heap) part, in MiB."""
+    status = harness.proc_status()
+    return {"rss_mib": round(status["VmRSS"] / MIB, 1),
+            "anon_mib": round(status.get("RssAnon", 0) / MIB, 1)}
+
+
+def _reply(**fields: object) -> None:
+    """One JSON reply line to the parent."""
+    print(_REPLY + json.dumps(fields), flush=True)
+
+
+def _load_network_class(source: str | None) -> type:
+    """NetVLADNetwork from this tree, or from a network.py file of another commit."""
+    if source is None:
+        from netvlad_server.network import NetVLADNetwork
+
+        return NetVLADNetwork
+    spec = importlib.util.spec_from_file_location("baseline_network", source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.NetVLADNetwork
+
+
+def worker(model: str, network_source: str | None, new_environment: bool) -> None:
+    """Run the server's loading steps stage by stage, then answer timing commands on stdin."""
+    started = time.perf_counter()
+    stages: list[dict[str, object]] = []
+
+    def stage(name: str, since: float) -> float:
+        now = time.perf_counter()
+        gc.collect()
+        stages.append({"stage": name, "seconds": round(now - since, 2), **rss_mib()})
+        return now
+
+    from netvlad_server import runtime
+
+    if new_environment:
+        runtime.prefer_returning_memory()
+    else:
+        os.environ.pop("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", None)
+    t = stage("python and numpy", started)
+    import tensorflow as tf
+
+    tf.constant(1.0).numpy()
+    t = stage("TensorFlow imported, first operation", t)
+    from netvlad_server.weights import load_weights
+
+    weights = load_weights(model)
+    t = stage("weights loaded (NumPy arrays)", t)
+    network_class = _load_network_class(network_source)
+    precision = runtime.resolve_precision("auto", runtime.detect_hardware())
+    network = network_class(weights, precision=precision)
+    t = stage(f"network built ({precision})", t)
+    cosine = (runtime.agreement_with_float32(network, CHECK_SIZE)
+              if precision != "float32" else 1.0)
+    t = stage(f"precision check at {CHECK_SIZE[0]}x{CHECK_SIZE[1]} (cosine {cosine:.6f})", t)
+    if hasattr(network, "drop_float32_weights"):
+        network.drop_float32_weights()
+    del weights
+    t = stage("loaded arrays dropped (what load_model returns)", t)
+    network(np.zeros((1, 480, 640, 3), np.uint8))
+    t = stage("warm-up 480x640, batch 1", t)
+    if new_environment:
+        runtime.release_free_memory()
+        t = stage("free heap pages returned (after warm-up)", t)
+    for round_ in (1, 2):
+        network(np.zeros((8, 480, 640, 3), np.uint8))
+        t = stage(f"batch of 8 at 480x640 (#{round_})", t)
+    _reply(stages=stages)
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["op"] == "exit":
+            return
+        if command["op"] == "run":
+            images = np.stack([runtime.synthetic_scene(command["height"], command["width"], seed)
+                               for seed in range(command["batch"])])
+            start = time.perf_counter()
+            desc = network(images)
+            seconds = time.perf_counter() - start
+            _reply(seconds=seconds, descriptors=base64.b64encode(desc.tobytes()).decode(),
+                   **rss_mib())
+        elif command["op"] == "sweep":
+            trace = []
+            for i, (height, width) in enumerate(command["sizes"], 1):
+                network(np.zeros((1, height, width, 3), np.uint8))
+                if i % command["every"] == 0:
+                    trace.append({"sizes_run": i, **rss_mib()})
+            _reply(trace=trace)
+        elif command["op"] == "trim":
+            runtime.release_free_memory()
+            _reply(**rss_mib())
+
+
+class Worker:
+    """A worker process of this script, spoken to in JSON lines."""
+
+    def __init__(self, name: str, model: str, network_source: str | None,
+                 new_environment: bool) -> None:
+        command = [sys.executable, __file__, "--worker", "--model", model]
+        if network_source:
+            command += ["--network-source", network_source]
+        if new_environment:
+            command.append("--new-environment")
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+        self.name = name
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, env=env)
+        self.stages = self.read()["stages"]
+
+    def read(self) -> dict:
+        """The next reply; an error naming the worker if it died."""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY):])
+        raise RuntimeError(f"the {self.name} worker exited ({self.process.wait()}); see stderr")
+
+    def ask(self, **command: object) -> dict:
+        """Send one command and wait for its reply."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        """Let the worker exit."""
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.write(json.dumps({"op": "exit"}) + "\n")
+            self.process.stdin.close()
+            self.process.wait(timeout=120)
+
+
+def distinct_sizes(count: int, seed: int) -> list[tuple[int, int]]:
+    """`count` distinct (height, width) pairs with sides 48..320 in steps of 8."""
+    rng = np.random.default_rng(seed)
+    sides = np.arange(48, 321, 8)
+    pairs = {(int(h), int(w)) for h, w in rng.choice(sides, (count * 3, 2))}
+    chosen = sorted(pairs)
+    rng.shuffle(chosen)
+    if len(chosen) < count:
+        raise ValueError(f"only {len(chosen)} distinct sizes available, {count} wanted")
+    return chosen[:count]
+
+
+def compare_speed(old: Worker, new: Worker, repeats: int) -> list[dict[str, object]]:
+    """Alternate old and new on each timed shape; medians, ratio, descriptor agreement."""
+    rows = []
+    for height, width, batch in TIMED:
+        times: dict[str, list[float]] = {"old": [], "new": []}
+        outputs: dict[str, np.ndarray] = {}
+        for rep in range(repeats + 1):  # the first round only warms this shape up
+            pair = (("old", old), ("new", new)) if rep % 2 else (("new", new), ("old", old))
+            for label, w in pair:
+                answer = w.ask(op="run", height=height, width=width, batch=batch)
+                outputs[label] = np.frombuffer(base64.b64decode(answer["descriptors"]),
+                                               np.float32)
+                if rep:
+                    times[label].append(answer["seconds"])
+        old_s, new_s = (float(np.median(times[k])) for k in ("old", "new"))
+        rows.append({"size": f"{height}x{width}", "batch": batch,
+                     "old_median_s": round(old_s, 3), "new_median_s": round(new_s, 3),
+                     "new_over_old": round(new_s / old_s, 3),
+                     "descriptors_bit_identical": bool(np.array_equal(outputs["old"],
+                                                                      outputs["new"])),
+                     "max_abs_difference": float(np.max(np.abs(outputs["old"] - outputs["new"])))})
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def _log_times(log: Path) -> list[tuple[float, str]]:
+    """(epoch seconds, message) of each timestamped line of a server log."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        match = _LOG_TIME.match(line)
+        if match:
+            stamp = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            out.append((stamp, match[2]))
+    return out
+
+
+def _first(lines: list[tuple[float, str]], prefix: str) -> float:
+    """Time of the first log message starting with `prefix`."""
+    for stamp, message in lines:
+        if message.startswith(prefix):
+            return stamp
+    raise ValueError(f"no log line starting with {prefix!r}")
+
+
+def startup(model: str, requests: int, workdir: Path, run: int) -> dict[str, object]:
+    """Start a real server, time it to SERVING, then RSS after requests of 8 at 480x640."""
+    from netvlad_client import NetVLADClient
+
+    log = workdir / f"server-{run}.log"
+    began = time.time()
+    server = harness.ServerProcess(log, "--model", model, "--log-level", "INFO", metrics_port=0,
+                                   env={"CUDA_VISIBLE_DEVICES": ""})
+    try:
+        server.wait_serving(timeout=600)
+        serving = time.time()
+        rss_serving = server.rss_bytes() / MIB
+        images = [np.asarray(np.random.default_rng(i).integers(0, 256, (480, 640, 3)), np.uint8)
+                  for i in range(8)]
+        peak = rss_serving
+        with NetVLADClient(server.target) as client:
+            for _ in range(requests):
+                client.describe(images, batch_size=8, timeout=300)
+                peak = max(peak, server.rss_bytes() / MIB)
+        time.sleep(2.0)
+        rss_after = server.rss_bytes() / MIB
+    finally:
+        server.stop()
+    lines = _log_times(log)
+    points = {"process start": began,
+              "logging up (Python, gRPC, config)": _first(lines, "loading weights"),
+              "TensorFlow imported and set up": _first(lines, "TensorFlow threads"),
+              "weights read": _first(lines, "weights read"),
+              "network built and precision checked": _first(lines, "loaded "),
+              "warm-up done": _first(lines, "warm-up"),
+              "SERVING (log)": _first(lines, "SERVING"),
+              "SERVING seen by a health check": serving}
+    names = list(points)
+    parts = {name: round(points[name] - points[previous], 2)
+             for previous, name in itertools.pairwise(names)}
+    return {"run": run, "seconds_to_serving": round(serving - began, 2), "parts_s": parts,
+            "rss_mib_serving": round(rss_serving, 1),
+            "rss_mib_peak_during_requests": round(peak, 1),
+            f"rss_mib_after_{requests}_requests_of_8_at_480x640": round(rss_after, 1)}
+
+
+def main() -> int:
+    """Parse flags; run as a worker, or run the three parts and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo", help="weights to load (default: demo)")
+    parser.add_argument("--baseline-commit", default=None,
+                        help="compare against network.py of this commit (e.g. 2f5a32c)")
+    parser.add_argument("--repeats", type=int, default=5, help="alternated timing rounds")
+    parser.add_argument("--sizes", type=int, default=200, help="distinct sizes per sweep pass")
+    parser.add_argument("--startups", type=int, default=2, help="server start-ups to time")
+    parser.add_argument("--requests", type=int, default=3,
+                        help="requests of 8 images at 480x640 after each start-up")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "bench_memory.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--network-source", help=argparse.SUPPRESS)
+    parser.add_argument("--new-environment", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.model, args.network_source, args.new_environment)
+        return 0
+    result: dict[str, object] = {"model": args.model, "cpu": os.cpu_count(),
+                                 "load_average_before": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as temp:
+        workdir = Path(temp)
+        old = None
+        if args.baseline_commit:
+            source = workdir / "baseline_network.py"
+            source.write_bytes(subprocess.run(
+                ["git", "-C", str(ROOT), "show",
+                 f"{args.baseline_commit}:server/netvlad_server/network.py"],
+                check=True, capture_output=True).stdout)
+            print(f"stages, baseline network of {args.baseline_commit} ...", flush=True)
+            old = Worker("baseline", args.model, str(source), new_environment=False)
+            result["baseline_commit"] = args.baseline_commit
+            result["stages_baseline"] = old.stages
+        print("stages, this tree ...", flush=True)
+        new = Worker("new", args.model, None, new_environment=True)
+        result["stages_new"] = new.stages
+        try:
+            if old is not None:
+                print("alternated timing ...", flush=True)
+                result["speed_and_descriptors"] = compare_speed(old, new, args.repeats)
+                old.close()
+            print(f"{args.sizes} distinct sizes, twice ...", flush=True)
+            sweep = []
+            for seed in (1, 2):
+                trace = new.ask(op="sweep", sizes=distinct_sizes(args.sizes, seed),
+                                every=max(1, args.sizes // 10))["trace"]
+                trimmed = new.ask(op="trim")  # how much of the growth is free heap, not caches
+                sweep.append({"pass": seed, "trace": trace, "after_malloc_trim": trimmed})
+            after = new.ask(op="run", height=480, width=640, batch=8)
+            result["distinct_sizes"] = {"sizes_per_pass": args.sizes, "passes": sweep,
+                                        "rss_mib_after_next_batch_of_8": after["rss_mib"]}
+        finally:
+            new.close()
+            if old is not None:
+                old.close()
+        result["startups"] = []
+        for run in range(1, args.startups + 1):
+            print(f"start-up {run} ...", flush=True)
+            result["startups"].append(startup(args.model, args.requests, workdir, run))
+            print(f"  {result['startups'][-1]}", flush=True)
+    result["load_average_after"] = os.getloadavg()[0]
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The server's memory footprint: one trace whatever the image size, one copy of each weight,
+descriptors unchanged by holding the kernels as captured tensors, the allocator settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from netvlad_server.network import NetVLADNetwork
+from netvlad_server.runtime import (
+    MEMORY_ENVIRONMENT,
+    Hardware,
+    build_network,
+    prefer_returning_memory,
+    release_free_memory,
+)
+from netvlad_server.weights import CONV_LAYERS
+
+
+def _graph_constant_descriptors(network: NetVLADNetwork, weights, images: np.ndarray,
+                                dtype: tf.DType) -> np.ndarray:
+    """The earlier formulation: the convolution kernels written into the graph as constants."""
+
+    def forward(x: tf.Tensor) -> tf.Tensor:
+        convs = [(tf.constant(weights.tensors[f"{name}/kernel"], dtype),
+                  tf.constant(weights.tensors[f"{name}/bias"], dtype)) for name in CONV_LAYERS]
+        return network._layers_in(tf.cast(x, tf.float32), network._mean, convs)[-1]
+
+    return tf.function(forward)(images).numpy()
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_descriptors_match_graph_constant_kernels_bit_for_bit(tiny_weights, precision):
+    images = np.random.default_rng(3).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
+    network = NetVLADNetwork(tiny_weights, precision)
+    expected = _graph_constant_descriptors(network, tiny_weights, images, tf.as_dtype(precision))
+    np.testing.assert_array_equal(network(images), expected)
+
+
+def test_many_image_sizes_reuse_one_trace(tiny_weights):
+    network = NetVLADNetwork(tiny_weights)
+    for height, width in [(16 + 3 * i, 16 + 5 * (i % 7)) for i in range(40)]:
+        for batch in (1, 2):
+            assert network(np.zeros((batch, height, width, 3), np.uint8)).shape == (batch, 32)
+    assert network._descriptors_uint8.experimental_get_tracing_count() == 1
+    network(np.zeros((1, 20, 24, 3), np.float32))
+    assert network._descriptors.experimental_get_tracing_count() == 1
+
+
+def test_each_weight_is_held_once_as_a_captured_tensor(tiny_weights):
+    network = NetVLADNetwork(tiny_weights, "bfloat16")
+    network(np.zeros((1, 32, 32, 3), np.uint8))
+    graph = network._descriptors_uint8.get_concrete_function().graph
+    kernels = [kernel for kernel, _ in network._convs]
+    assert all(isinstance(kernel, tf.Tensor) and kernel.dtype == tf.bfloat16 for kernel in kernels)
+    captured = {id(value) for value, _ in graph.captures}
+    assert {id(kernel) for kernel in kernels} <= captured
+    assert id(network._wpca) in captured
+    constants = [tf.make_ndarray(op.get_attr("value")).size
+                 for op in graph.get_operations() if op.type == "Const"]
+    assert max(constants) < tiny_weights.tensors["conv1_1/kernel"].size  # no kernel inlined
+
+
+def test_float32_reference_needs_the_float32_kernels(tiny_weights):
+    network = NetVLADNetwork(tiny_weights, "bfloat16")
+    images = np.zeros((1, 32, 32, 3), np.uint8)
+    expected = NetVLADNetwork(tiny_weights)(images)
+    np.testing.assert_array_equal(network.float32_reference(images), expected)
+    network.drop_float32_weights()
+    with pytest.raises(RuntimeError, match=r"drop_float32_weights.*build a new NetVLADNetwork"):
+        network.float32_reference(images)
+
+
+@pytest.mark.parametrize("requested", ["bfloat16", "auto"])
+def test_build_network_lets_go_of_the_float32_kernels(tiny_weights, requested):
+    hardware = Hardware(frozenset({"avx512_bf16"}))
+    network = build_network(tiny_weights, requested, False, (32, 48), hardware, min_cosine=0.0)
+    assert network.precision == "bfloat16"
+    with pytest.raises(RuntimeError):
+        network.float32_reference(np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def test_memory_environment_is_a_default_an_operator_can_override():
+    environ: dict[str, str] = {}
+    prefer_returning_memory(environ)
+    assert environ == MEMORY_ENVIRONMENT == {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "1"}
+    environ = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "0"}
+    prefer_returning_memory(environ)
+    assert environ == {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "0"}
+
+
+def test_release_free_memory_returns_heap_pages():
+    from netvlad_client.bench.harness import proc_status
+
+    blocks = [bytearray(64 * 1024) for _ in range(4000)]  # 250 MiB of heap, then freed
+    del blocks[:-1]  # the last block pins the top of the heap, so free() alone keeps the rest
+    before = proc_status()["RssAnon"]
+    assert release_free_memory() is True
+    assert proc_status()["RssAnon"] < before - 100 * 2**20
+
+
+@pytest.mark.slow
+def test_full_size_server_stays_under_1_4_gib(tmp_path):
+    from netvlad_client import NetVLADClient
+    from netvlad_client.bench.harness import ServerProcess
+
+    images = [np.random.default_rng(i).integers(0, 256, (240, 320, 3), np.uint8)
+              for i in range(8)]
+    with ServerProcess(tmp_path / "server.log", "--model", "demo", "--warmup-sizes", "240x320",
+                       metrics_port=0, env={"CUDA_VISIBLE_DEVICES": ""}) as server:
+        server.wait_serving(timeout=300)
+        with NetVLADClient(server.target) as client:
+            for _ in range(3):
+                assert client.describe(images, batch_size=8, timeout=120).shape == (8, 4096)
+        assert server.rss_bytes() < 1.4 * 2**30, server.tail()  # the issue's figures are MiB

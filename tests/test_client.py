@@ -1,4 +1,5 @@
-"""The client library against a real server subprocess (demo-tiny weights on 127.0.0.1)."""
+"""The client library against a real server subprocess (demo-tiny weights on 127.0.0.1), and the
+command line's connection options, versions and --dims rule."""
 
 from __future__ import annotations
 
@@ -526,3 +527,82 @@ def test_waiting_for_a_server_that_never_comes_ends_at_the_timeout():
         assert 0.4 < time.monotonic() - start < 5
         assert caught.value.code in (grpc.StatusCode.DEADLINE_EXCEEDED,
                                      grpc.StatusCode.UNAVAILABLE)
+
+
+# --------------------------------------------------------------------------- command-line basics
+
+
+def _cli_error(capsys, *argv: str, environ: dict[str, str] | None = None) -> str:
+    """The last stderr line of a usage error (exit status 2) of netvlad-client."""
+    from netvlad_client.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(list(argv), environ)
+    assert caught.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("variable, value, why", [
+    ("NETVLAD_CLIENT_RETRIES", "abc", "expected an integer, got 'abc'"),
+    ("NETVLAD_CLIENT_RETRIES", "-1", "expected an integer at least 0, got -1"),
+    ("NETVLAD_CLIENT_RETRIES", "2.5", "expected an integer, got '2.5'"),
+    ("NETVLAD_CLIENT_TIMEOUT", "abc", "expected a number > 0, got 'abc'"),
+    ("NETVLAD_CLIENT_TIMEOUT", "0", "expected a number > 0, got '0'"),
+    ("NETVLAD_CLIENT_TIMEOUT", "-5", "expected a number > 0, got '-5'"),
+    ("NETVLAD_CLIENT_TIMEOUT", "nan", "expected a number > 0, got 'nan'"),
+])
+def test_a_bad_connection_variable_is_named_with_what_it_expects(capsys, variable, value, why):
+    error = _cli_error(capsys, "info", environ={variable: value})
+    assert error == f"netvlad-client: error: environment variable {variable}={value!r}: {why}"
+    flag = "--" + variable.removeprefix("NETVLAD_CLIENT_").lower()
+    assert _cli_error(capsys, flag, value, "info", environ={}) == (
+        f"netvlad-client: error: argument {flag}: {why}")
+
+
+def test_every_program_has_the_same_version(capsys):
+    from netvlad_client.cli import main as client_main
+    from netvlad_server.config import parse_config
+    from netvlad_server.models_cli import main as models_main
+
+    shown = []
+    for run in (client_main, parse_config, models_main):
+        with pytest.raises(SystemExit) as caught:
+            run(["--version"])
+        assert caught.value.code == 0
+        shown.append(capsys.readouterr().out.strip())
+    assert shown == [f"{program} {__version__}"
+                     for program in ("netvlad-client", "netvlad-server", "netvlad-models")]
+
+
+def test_help_shows_the_port_default_and_the_fetch_timeout_default(capsys):
+    from netvlad_client.cli import main as client_main
+    from netvlad_server.models_cli import main as models_main
+
+    for run, argv in ((client_main, ["--help"]), (models_main, ["fetch", "--help"])):
+        with pytest.raises(SystemExit):
+            run(argv)
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "HOST[:PORT] (port 50051 when omitted)" in shown
+    assert "seconds without data before giving up (default 30.0)" in shown
+
+
+def test_describe_dims_0_or_all_means_every_dimension(server, tmp_path, capsys):
+    from netvlad_client.cli import main
+
+    image = random_image(71)
+    path = write_png(tmp_path / "a.png", image)
+    for dims in ("0", "all", "32"):
+        out = tmp_path / f"d{dims}.npy"
+        assert main(["--target", server.target, "describe", str(path), "--dims", dims,
+                     "--out", str(out)]) == 0
+        np.testing.assert_allclose(np.load(out), reference(image)[None], atol=ATOL)
+    assert main(["--target", server.target, "describe", str(path), "--dims", "8",
+                 "--out", str(tmp_path / "d8.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "d8.npy"), reference(image, dims=8)[None],
+                               atol=ATOL)
+    capsys.readouterr()
+    assert "argument --dims: expected an integer at least 0, got -1" in _cli_error(
+        capsys, "--target", server.target, "describe", str(path), "--dims", "-1")
+    with NetVLADClient(server.target, timeout=60, dims=0) as client:  # the library's rule
+        np.testing.assert_allclose(client.describe(image, dims=0), reference(image)[None],
+                                   atol=ATOL)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -202,6 +206,80 @@ def test_mutual_tls_refuses_a_missing_or_foreign_client_certificate(mtls_server,
             pytest.raises(NetVLADRPCError) as caught:  # a certificate does not replace the token
         client.info()
     assert caught.value.code == UNAUTHENTICATED
+
+
+@pytest.fixture(scope="module")
+def plain_server(tiny_model):
+    """No TLS at all."""
+    with ServerThread(tiny_config(free_port()), lambda _config: tiny_model) as running:
+        yield running
+
+
+def test_a_tls_mismatch_says_what_is_likely_wrong(tls_server, mtls_server, plain_server, pki):
+    def hint(running, **options) -> str:
+        error = refused_handshake(tls_client(running, pki, **options))
+        assert error.hint and str(error).endswith(f". Likely cause: {error.hint}")
+        return error.hint
+
+    # gRPC itself says only "Socket closed" when the server hangs up during the handshake.
+    plaintext = NetVLADClient(tls_server.target, retries=0, timeout=TIMEOUT)
+    error = refused_handshake(plaintext)
+    assert "Socket closed" in error.details
+    assert "may require TLS" in error.hint and "--tls-ca FILE" in error.hint
+    assert "not signed by a CA this client trusts" in hint(
+        tls_server, root_certificates=pki.other_ca.cert_path)
+    assert "--tls-ca FILE" in hint(tls_server, root_certificates=pki.other_ca.cert_path)
+    assert "--tls-server-name NAME" in hint(tls_server, server_name="not-this-server.example")
+    no_certificate = hint(mtls_server)
+    assert "client certificate (mutual TLS)" in no_certificate
+    assert "--tls-cert FILE and --tls-key FILE" in no_certificate
+    assert "its --tls-client-ca" in hint(mtls_server,
+                                         client_certificate=pki.other_client.cert_path,
+                                         client_key=pki.other_client.key_path)
+    assert "does not speak TLS" in hint(plain_server)
+    # Waiting for SERVING ends with the same advice; an absent server gets no guess.
+    with NetVLADClient(tls_server.target, retries=0) as client, \
+            pytest.raises(NetVLADUnavailableError) as caught:
+        client.wait_until_serving(timeout=1.0)
+    assert "not SERVING after 1 s" in str(caught.value) and "--tls-ca FILE" in caught.value.hint
+    with NetVLADClient(f"127.0.0.1:{free_port()}", retries=0) as client, \
+            pytest.raises(NetVLADUnavailableError) as caught:
+        client.info()
+    assert caught.value.hint == "" and "Likely cause" not in str(caught.value)
+
+
+def _client_stderr(running, pki: PKI, *flags: str, program: str = "netvlad-client",
+                   **environ: str) -> list[str]:
+    """stderr lines of the CLI (a separate process) trusting the wrong CA for `running`."""
+    env = {key: value for key, value in os.environ.items() if key != "GRPC_VERBOSITY"}
+    env.update(environ)
+    command = ([str(Path(sys.executable).parent / program)] if program
+               else [sys.executable, "-m", "netvlad_client.cli"])
+    result = subprocess.run(
+        [*command, *flags, "--target", running.target, "--retries", "0", "--tls-ca",
+         str(pki.other_ca.cert_path), "info"],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1 and result.stdout == ""
+    return result.stderr.splitlines()
+
+
+def test_the_cli_keeps_grpc_core_logs_off_stderr_unless_asked(tls_server, pki):
+    for quiet in (_client_stderr(tls_server, pki), _client_stderr(tls_server, pki, program="")):
+        assert len(quiet) == 1, quiet  # only the CLI's own line, with its advice
+        assert quiet[0].startswith("netvlad-client: error: server at ")
+        assert "Likely cause: the server's certificate is not signed by a CA" in quiet[0]
+    # Asked for, gRPC's own handshake line comes back (--verbose, or GRPC_VERBOSITY set).
+    for loud in (_client_stderr(tls_server, pki, "--verbose"),
+                 _client_stderr(tls_server, pki, GRPC_VERBOSITY="INFO")):
+        assert any("Handshake failed" in line and "CERTIFICATE_VERIFY_FAILED" in line
+                   for line in loud), loud
+        assert loud[-1] == quiet[0]
+    # The library leaves gRPC's logging to the program that uses it.
+    env = {key: value for key, value in os.environ.items() if key != "GRPC_VERBOSITY"}
+    code = "import os, netvlad_client; print(os.environ.get('GRPC_VERBOSITY'))"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120, env=env, check=True)
+    assert shown.stdout.strip() == "None"
 
 
 def test_cli_with_ca_client_certificate_and_token_file(mtls_server, pki, token_file, tmp_path,

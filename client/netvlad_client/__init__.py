@@ -5,12 +5,22 @@ connection option and its default), `inputs` (images and per-call options as mes
 `planning` (splitting a call into requests, decoding answers), `retry` (the retry policy),
 `health` (health checks, waiting for SERVING), `streaming`, `client` (blocking client), `aio`
 (asyncio client), `bulk` (many requests in flight).
+
+Every request names a priority class: `priority="interactive"` (someone waits for the answer)
+runs ahead of `"bulk"` (many requests back to back); None leaves it to the server's default.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+# First, before any module below imports grpc: the CLI's quiet gRPC logs (see _grpc_logs).
+from netvlad_client import _grpc_logs  # noqa: F401
 from netvlad_client.aio import AsyncNetVLADClient
-from netvlad_client.bulk import describe_concurrently, queue_safe_concurrency
+from netvlad_client.bulk import (
+    bulk_priority,
+    describe_concurrently,
+    queue_budget,
+    queue_safe_concurrency,
+)
 from netvlad_client.client import NetVLADClient
 from netvlad_client.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -52,8 +62,10 @@ __all__ = [
     "NetVLADUnavailableError",
     "StreamResult",
     "__version__",
+    "bulk_priority",
     "describe_concurrently",
     "plan_requests",
+    "queue_budget",
     "queue_safe_concurrency",
     "resize_policy",
     "resolve_target",

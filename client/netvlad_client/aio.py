@@ -16,12 +16,13 @@ from netvlad_client.config import ClientConfig
 from netvlad_client.errors import NetVLADRPCError, closed_error
 from netvlad_client.health import ServingWait, check_failed, health_request, status_name
 from netvlad_client.inputs import ImageInput
+from netvlad_client.places_calls import AsyncPlaceCalls
 from netvlad_client.planning import RequestPlan
 from netvlad_client.retry import CallAttempts
 from netvlad_client.streaming import StreamFrames, StreamResult
 
 
-class AsyncNetVLADClient:
+class AsyncNetVLADClient(AsyncPlaceCalls):
     """asyncio client on grpc.aio with the same options and methods as NetVLADClient.
 
     The channel is opened on first use inside the running event loop; use `async with` or
@@ -112,18 +113,21 @@ class AsyncNetVLADClient:
         resize: str | int | None = None,
         timeout: float | None = None,
         concurrency: int = 1,
+        priority: str | int | None = None,
     ) -> np.ndarray:
         """Describe images; returns (N, D) float32 in input order (see NetVLADClient.describe).
 
         With `concurrency` > 1, up to that many requests are in flight at once, fewer where
-        the server's queue could not hold them all (see queue_safe_concurrency).
+        the queue of their class could not hold them all (see queue_safe_concurrency).
         """
-        plan = RequestPlan(images, self.config, dims, resize, batch_size)
+        plan = RequestPlan(images, self.config, dims, resize, batch_size, priority)
         info = await self.model_info()
         plan.fit(info)
         if not plan.images:
             return plan.empty()
-        gate = asyncio.Semaphore(queue_safe_concurrency(info, concurrency, plan.largest_run))
+        gate = asyncio.Semaphore(
+            queue_safe_concurrency(info, concurrency, plan.largest_run, plan.priority)
+        )
 
         async def one(run: range) -> np.ndarray:
             async with gate:
@@ -144,9 +148,13 @@ class AsyncNetVLADClient:
         *,
         resize: str | int | None = None,
         timeout: float | None = None,
+        priority: str | int | None = None,
     ) -> AsyncIterator[StreamResult]:
-        """Describe a stream of frames (sync or async iterable); yields StreamResult in order."""
-        stream = StreamFrames(self.config, dims, resize)
+        """Describe a stream of frames (sync or async iterable); yields StreamResult in order.
+
+        Frames are interactive unless `priority` (or the client's `priority`) says otherwise.
+        """
+        stream = StreamFrames(self.config, dims, resize, priority)
         if self.config.wait_for_ready:
             await self.wait_until_serving(self.config.timeout)
 

@@ -20,21 +20,23 @@ from netvlad_client.config import ClientConfig
 from netvlad_client.errors import NetVLADError, NetVLADRPCError, closed_error
 from netvlad_client.health import ServingWait, check_failed, health_request, status_name
 from netvlad_client.inputs import ImageInput
+from netvlad_client.places_calls import PlaceCalls
 from netvlad_client.planning import RequestPlan
 from netvlad_client.retry import CallAttempts
 from netvlad_client.streaming import StreamFrames, StreamResult
 
 
-class NetVLADClient:
+class NetVLADClient(PlaceCalls):
     """Blocking client. Thread-safe: share one instance between threads.
 
     `target` is "host[:port]" (port 50051 by default), "ip:port,ip:port", a list of IP
     addresses, or any gRPC target such as `dns:///name:port`; calls are spread round-robin over
     every address it resolves to. The keyword options are those of `ClientConfig` (timeout,
     retries, backoff, max_backoff, TLS and token, max_message_bytes, dims, resize,
-    wait_for_ready). Calls that fail with UNAVAILABLE, or with RESOURCE_EXHAUSTED because the
-    server's queue is full (the `netvlad-busy` trailer), are retried `retries` times with
-    exponential backoff; nothing else is. `timeout` is the deadline of each attempt in seconds.
+    wait_for_ready, priority). Calls that fail with UNAVAILABLE, or with RESOURCE_EXHAUSTED
+    because the server's queue is full (the `netvlad-busy` trailer), are retried `retries` times
+    with exponential backoff; nothing else is. `timeout` is the deadline of each attempt in
+    seconds.
     """
 
     def __init__(self, target: str | Sequence[str], **options: Any):
@@ -138,14 +140,17 @@ class NetVLADClient:
         batch_size: int | None = None,
         resize: str | int | None = None,
         timeout: float | None = None,
+        priority: str | int | None = None,
     ) -> np.ndarray:
         """Describe images (paths, encoded bytes or arrays); returns (N, D) float32 in order.
 
         A single image also gives a (1, D) array. Images are sent in requests of at most
         `batch_size` and at most the server's max_images_per_request and message size.
-        `dims` keeps the first dims values, renormalised (0 or None: all).
+        `dims` keeps the first dims values, renormalised (0 or None: all). `priority` is the
+        requests' class: "interactive", "bulk", "default" (the server's) or None (the client's
+        `priority`, by default the server's class).
         """
-        plan = RequestPlan(images, self.config, dims, resize, batch_size)
+        plan = RequestPlan(images, self.config, dims, resize, batch_size, priority)
         plan.fit(self.model_info())
         if not plan.images:
             return plan.empty()
@@ -165,15 +170,17 @@ class NetVLADClient:
         *,
         resize: str | int | None = None,
         timeout: float | None = None,
+        priority: str | int | None = None,
     ) -> Iterator[StreamResult]:
         """Describe a (possibly endless) stream of frames over one bidirectional call.
 
         Yields one StreamResult per frame, in order; a frame the server rejects yields a result
         with `error` set and the stream goes on. Streams are not retried; `timeout` (default
         none) bounds the whole stream. With wait_for_ready, a loading server is waited for
-        (up to the client's timeout) before the stream opens.
+        (up to the client's timeout) before the stream opens. Frames are interactive unless
+        `priority` (or the client's `priority`) names another class.
         """
-        stream = StreamFrames(self.config, dims, resize)
+        stream = StreamFrames(self.config, dims, resize, priority)
         if self.config.wait_for_ready:
             self.wait_until_serving(self.config.timeout)
 

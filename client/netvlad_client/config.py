@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from netvlad_client.errors import NetVLADInputError
-from netvlad_client.inputs import check_dims, resize_policy
+from netvlad_client.inputs import check_dims, priority_value, resize_policy
 
 PemInput = str | os.PathLike[str] | bytes | None
 
@@ -44,6 +44,9 @@ class ClientConfig:
     - wait_for_ready: a server that is not up yet or still loading its model is waited for,
       until the call's `timeout`, instead of failing after `retries` attempts.
     - dims, resize: defaults for every describe call.
+    - priority: the class of every request unless a call names one: "interactive", "bulk", a
+      `netvlad_pb2.Priority` value, or None (the server's default class). Kept as the wire
+      value (0 = unspecified).
     """
 
     target: str
@@ -61,6 +64,7 @@ class ClientConfig:
     dims: int | None = None
     resize: str | int | None = None
     wait_for_ready: bool = False
+    priority: str | int | None = None
 
     def __post_init__(self) -> None:
         """Validate the options and read the PEM files once."""
@@ -93,6 +97,7 @@ class ClientConfig:
             "token": token.strip() if token else None,
             "dims": self.dims or None,
             "wait_for_ready": bool(self.wait_for_ready),
+            "priority": priority_value(self.priority),
         }
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
@@ -149,6 +154,35 @@ class ClientConfig:
         if credentials is None:
             return grpc.aio.insecure_channel(self.target, options=options)
         return grpc.aio.secure_channel(self.target, credentials, options=options)
+
+    def connection_hint(self, details: str) -> str:
+        """What an unreachable server's gRPC details suggest is wrong with this configuration.
+
+        A TLS mismatch reaches the client only as UNAVAILABLE, often with no more than "Socket
+        closed" (the server hung up during the handshake); "" when nothing points at a cause.
+        """
+        text = details.lower()
+        if "hostname verification" in text or "no match found for server name" in text:
+            return ("the server's certificate does not name the host this client connects to; "
+                    "connect by a name the certificate holds, or name one with --tls-server-name "
+                    "NAME (server_name= in Python)")
+        if "certificate_verify_failed" in text:
+            return ("the server's certificate is not signed by a CA this client trusts; pass the "
+                    "CA that signed it with --tls-ca FILE (root_certificates= in Python)")
+        if self.tls and ("wrong_version_number" in text or "handshake failed" in text):
+            return ("the server does not speak TLS (a plaintext server?); connect without "
+                    "--tls/--tls-ca/--tls-cert, or start the server with --tls-cert and --tls-key")
+        if "socket closed" not in text:
+            return ""
+        if not self.tls:
+            return ("the server may require TLS, and this client connected in plaintext; pass the "
+                    "CA that signed the server's certificate with --tls-ca FILE (or --tls for a "
+                    "public CA; root_certificates= or tls=True in Python)")
+        if self.client_certificate is None:
+            return ("the server may require a client certificate (mutual TLS); pass --tls-cert "
+                    "FILE and --tls-key FILE (client_certificate= and client_key= in Python)")
+        return ("the server may not accept this client certificate (mutual TLS): it must be "
+                "signed by the CA the server trusts for clients (its --tls-client-ca)")
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Per-call metadata: the bearer token when one is configured."""

@@ -7,7 +7,12 @@ Every failure reaches the caller as a `NetVLADError`: bad input before anything 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
+
+if TYPE_CHECKING:
+    from netvlad_client.config import ClientConfig
 
 
 class NetVLADError(Exception):
@@ -35,14 +40,22 @@ class NetVLADRPCError(NetVLADError):
 
 
 class NetVLADUnavailableError(NetVLADRPCError):
-    """The server could not be reached (UNAVAILABLE), even after the configured retries."""
+    """The server could not be reached (UNAVAILABLE), even after the configured retries.
 
-    def __init__(self, method: str, details: str, target: str, attempts: int):
+    `hint` says what is likely wrong when the failure points at a cause (a TLS mismatch), and
+    ends the message.
+    """
+
+    def __init__(self, method: str, details: str, target: str, attempts: int, hint: str = ""):
         self.attempts = attempts
+        self.hint = hint
         super().__init__(method, grpc.StatusCode.UNAVAILABLE, details, target)
-        self.args = (
-            f"server at {target} unavailable after {attempts} attempt(s) ({method}): {details}",
-        )
+        message = f"server at {target} unavailable after {attempts} attempt(s) ({method})"
+        if hint:
+            message += f": {details.rstrip('. ')}. Likely cause: {hint}"
+        else:
+            message += f": {details}"
+        self.args = (message,)
 
 
 def closed_error(kind: str) -> NetVLADError:
@@ -60,10 +73,16 @@ def status_code(number: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def rpc_error(method: str, exc: grpc.RpcError, target: str, attempts: int) -> NetVLADRPCError:
-    """A NetVLADRPCError (or NetVLADUnavailableError) with the call's status and message."""
+def rpc_error(method: str, exc: grpc.RpcError, config: ClientConfig,
+              attempts: int) -> NetVLADRPCError:
+    """A NetVLADRPCError (or NetVLADUnavailableError) with the call's status and message.
+
+    An unreachable server gets the configuration's guess at the cause (see
+    `ClientConfig.connection_hint`): gRPC itself often says no more than "Socket closed".
+    """
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else "") or str(exc)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return NetVLADUnavailableError(method, details, target, attempts)
-    return NetVLADRPCError(method, code, details, target)
+        return NetVLADUnavailableError(method, details, config.target, attempts,
+                                       config.connection_hint(details))
+    return NetVLADRPCError(method, code, details, config.target)

@@ -30,6 +30,7 @@ import numpy as np
 from netvlad_client import NetVLADInputError
 
 Read = tuple[np.ndarray, "list[str] | None"]  # values, names (None when the format has none)
+_BLOCK_ROWS = 1024  # rows serialised at a time: a large array is never copied whole
 
 
 class DescriptorFileError(NetVLADInputError):
@@ -49,6 +50,8 @@ class DescriptorFormat:
     write: Callable[[BinaryIO, np.ndarray, Sequence[str]], None]
     binary: bool  # refused on a terminal
     bare_rows: bool  # the file is exactly the (N, D) array: it can be filled in place
+    streams: bool  # RowStream writes it row block by row block, as rows arrive in order
+    named: bool  # the file carries the image names (else a sidecar list of paths does)
 
 
 def _is_number(text: str) -> bool:
@@ -64,8 +67,17 @@ def _text_row(row: np.ndarray) -> str:
     return ",".join(f"{value:.9g}" for value in row.tolist())
 
 
-def _write_npy(handle: BinaryIO, descriptors: np.ndarray, names: Sequence[str]) -> None:
-    np.save(handle, descriptors)
+def _write_whole(fmt: str) -> Callable[[BinaryIO, np.ndarray, Sequence[str]], None]:
+    """The whole-file writer of a streamable format: one RowStream over every row."""
+
+    def write(handle: BinaryIO, descriptors: np.ndarray, names: Sequence[str]) -> None:
+        stream = RowStream(handle, fmt, len(descriptors), int(descriptors.shape[1]))
+        for start in range(0, len(descriptors), _BLOCK_ROWS):
+            stream.write(descriptors[start : start + _BLOCK_ROWS],
+                         names[start : start + _BLOCK_ROWS])
+        stream.close()
+
+    return write
 
 
 def _read_npy(path: Path, _dims: int | None, _count: int | None) -> Read:
@@ -85,10 +97,6 @@ def _read_npz(path: Path, _dims: int | None, _count: int | None) -> Read:
             )
         names = [str(n) for n in archive["names"]] if "names" in archive.files else None
         return archive["descriptors"], names
-
-
-def _write_csv(handle: BinaryIO, descriptors: np.ndarray, names: Sequence[str]) -> None:
-    handle.writelines(f"{_text_row(row)}\n".encode() for row in descriptors)
 
 
 def _read_csv(path: Path, _dims: int | None, _count: int | None) -> Read:
@@ -113,15 +121,6 @@ def _read_csv(path: Path, _dims: int | None, _count: int | None) -> Read:
     return np.array([[float(c) for c in r[start:]] for r in rows], dtype=np.float64), names
 
 
-def _write_json(handle: BinaryIO, descriptors: np.ndarray, names: Sequence[str]) -> None:
-    handle.write(b"[\n")
-    for index, (name, row) in enumerate(zip(names, descriptors, strict=True)):
-        separator = ",\n" if index + 1 < len(names) else "\n"
-        entry = f'{{"name": {json.dumps(name)}, "descriptor": [{_text_row(row)}]}}{separator}'
-        handle.write(entry.encode())
-    handle.write(b"]\n")
-
-
 def _read_json(path: Path, _dims: int | None, _count: int | None) -> Read:
     data = json.loads(path.read_text())
     names: list[str] | None = None
@@ -144,10 +143,6 @@ def _read_json(path: Path, _dims: int | None, _count: int | None) -> Read:
         names = [str(r[name_key]) for r in data] if name_key else None
         data = [r[key] for r in data]
     return np.array(data, dtype=np.float64), names
-
-
-def _write_bin(handle: BinaryIO, descriptors: np.ndarray, names: Sequence[str]) -> None:
-    handle.write(np.ascontiguousarray(descriptors, dtype="<f4").tobytes())
 
 
 def _read_bin(path: Path, dims: int | None, count: int | None) -> Read:
@@ -180,11 +175,16 @@ def _read_bin(path: Path, dims: int | None, count: int | None) -> Read:
 FORMATS: dict[str, DescriptorFormat] = {
     f.name: f
     for f in (
-        DescriptorFormat("npy", _read_npy, _write_npy, binary=True, bare_rows=True),
-        DescriptorFormat("npz", _read_npz, _write_npz, binary=True, bare_rows=False),
-        DescriptorFormat("csv", _read_csv, _write_csv, binary=False, bare_rows=False),
-        DescriptorFormat("json", _read_json, _write_json, binary=False, bare_rows=False),
-        DescriptorFormat("bin", _read_bin, _write_bin, binary=True, bare_rows=True),
+        DescriptorFormat("npy", _read_npy, _write_whole("npy"), binary=True, bare_rows=True,
+                         streams=True, named=False),
+        DescriptorFormat("npz", _read_npz, _write_npz, binary=True, bare_rows=False,
+                         streams=False, named=True),
+        DescriptorFormat("csv", _read_csv, _write_whole("csv"), binary=False, bare_rows=False,
+                         streams=True, named=False),
+        DescriptorFormat("json", _read_json, _write_whole("json"), binary=False,
+                         bare_rows=False, streams=True, named=True),
+        DescriptorFormat("bin", _read_bin, _write_whole("bin"), binary=True, bare_rows=True,
+                         streams=True, named=False),
     )
 }
 NAMES = tuple(FORMATS)
@@ -261,6 +261,55 @@ def write_stream(handle: BinaryIO, fmt: str, descriptors: np.ndarray,
                  names: Sequence[str]) -> None:
     """Write (N, D) float32 descriptors in input order to an open binary stream (e.g. a pipe)."""
     get_format(fmt).write(handle, np.asarray(descriptors, dtype=np.float32), names)
+
+
+class RowStream:
+    """Writes one descriptor file to an open binary stream a block of rows at a time.
+
+    For the formats that can be written front to back without knowing what follows (npy, csv,
+    json, bin), so that output leaves as soon as rows are ready and a reader that went away
+    (`| head`) is noticed at the first write. An .npy header states the row count up front:
+    exactly `count` rows must then be written.
+    """
+
+    def __init__(self, handle: BinaryIO, fmt: str, count: int | None, dims: int) -> None:
+        self.fmt = get_format(fmt).name
+        if not FORMATS[self.fmt].streams:
+            raise ValueError(f"the {self.fmt} format cannot be written row by row")
+        if self.fmt == "npy" and count is None:
+            raise ValueError("an .npy stream needs its row count up front")
+        self._handle, self._count, self._dims = handle, count, dims
+        self.written = 0
+        if self.fmt == "npy":
+            header = {"descr": "<f4", "fortran_order": False, "shape": (count, dims)}
+            np.lib.format.write_array_header_1_0(handle, header)
+        elif self.fmt == "json":
+            handle.write(b"[\n")
+
+    def write(self, rows: np.ndarray, names: Sequence[str]) -> None:
+        """Append rows (and, for json, their names) in order."""
+        rows = np.ascontiguousarray(rows, dtype="<f4")
+        if rows.ndim != 2 or rows.shape[1] != self._dims:
+            raise ValueError(f"expected rows of {self._dims} values, got shape {rows.shape}")
+        if self.fmt in ("npy", "bin"):
+            self._handle.write(rows.tobytes())
+        elif self.fmt == "csv":
+            self._handle.write("".join(f"{_text_row(row)}\n" for row in rows).encode())
+        else:
+            entries = [f'{{"name": {json.dumps(name)}, "descriptor": [{_text_row(row)}]}}'
+                       for name, row in zip(names, rows, strict=True)]
+            if entries:
+                lead = ",\n" if self.written else ""
+                self._handle.write((lead + ",\n".join(entries)).encode())
+        self.written += len(rows)
+
+    def close(self) -> None:
+        """End the file (json's closing bracket); checks an .npy got the rows it announced."""
+        if self.fmt == "json":
+            self._handle.write(b"\n]\n" if self.written else b"]\n")
+        if self.fmt == "npy" and self.written != self._count:
+            raise ValueError(f"an .npy stream announced {self._count} rows but got "
+                             f"{self.written}")
 
 
 def silence_closed_stdout() -> None:

@@ -43,7 +43,7 @@ def check_failed(exc: grpc.RpcError, config: ClientConfig) -> str:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(
             health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         )
-    raise rpc_error(METHOD, exc, config.target, 1) from None
+    raise rpc_error(METHOD, exc, config, 1) from None
 
 
 class ServingWait:
@@ -60,6 +60,7 @@ class ServingWait:
         self._delay = max(0.05, config.backoff)
         self.polls = 0
         self.last = "no answer"
+        self.hint = ""  # what the last unreachable answer suggests is wrong (a TLS mismatch)
 
     def poll_timeout(self) -> float:
         """The deadline of the next health check (counts the poll)."""
@@ -73,6 +74,7 @@ class ServingWait:
         if error.code not in _TRANSIENT:
             raise error
         self.last = f"{error.code.name}: {error.details}"
+        self.hint = getattr(error, "hint", "")
 
     def next_delay(self, status: str | None) -> float | None:
         """None once SERVING, else the seconds to sleep before the next poll.
@@ -90,6 +92,7 @@ class ServingWait:
                 f"not SERVING after {self.timeout:g} s (last answer: {self.last})",
                 self.config.target,
                 self.polls,
+                self.hint if self.last.startswith("UNAVAILABLE") else "",
             )
         delay = self._delay
         self._delay = min(1.0, self._delay * 2)

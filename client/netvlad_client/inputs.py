@@ -28,6 +28,39 @@ def check_dims(dims: int | None) -> None:
         )
 
 
+# The priority classes by name, as callers write them; None means the server's default class.
+PRIORITIES = {
+    "interactive": netvlad_pb2.PRIORITY_INTERACTIVE,
+    "bulk": netvlad_pb2.PRIORITY_BULK,
+}
+PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
+
+
+def priority_value(priority: str | int | None) -> int:
+    """The wire value of a priority: "interactive", "bulk", a `netvlad_pb2.Priority` value, or
+    None (also "default" and PRIORITY_UNSPECIFIED): the server's default class."""
+    if priority is None:
+        return netvlad_pb2.PRIORITY_UNSPECIFIED
+    if isinstance(priority, str):
+        text = priority.strip().lower().removeprefix("priority_")
+        if text in PRIORITIES:
+            return PRIORITIES[text]
+        if text in ("default", "unspecified"):
+            return netvlad_pb2.PRIORITY_UNSPECIFIED
+    elif (not isinstance(priority, bool) and isinstance(priority, int)
+          and priority in netvlad_pb2.Priority.values()):
+        return int(priority)
+    raise NetVLADInputError(
+        f"priority must be 'interactive', 'bulk', None for the server's default class, or a "
+        f"netvlad_pb2.Priority value (0, 1, 2); got {priority!r}"
+    )
+
+
+def priority_name(value: int, default: int = netvlad_pb2.PRIORITY_INTERACTIVE) -> str:
+    """The class name a wire value selects; `default` is the server's class for UNSPECIFIED."""
+    return PRIORITY_NAMES.get(value) or PRIORITY_NAMES.get(default, "interactive")
+
+
 def resize_policy(resize: str | int | None) -> netvlad_pb2.ResizePolicy | None:
     """None (the server's default), "keep", or N / "fit:N" (fit the longest side to N px)."""
     if resize is None:

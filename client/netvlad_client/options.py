@@ -82,6 +82,17 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A converter accepting finite numbers > 0 (seconds, sizes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def path_or_none(text: str) -> str | None:
     """A file path, or None for a blank value."""
     return text.strip() or None

@@ -21,6 +21,7 @@ from netvlad_client.inputs import (
     image_id,
     image_message,
     image_size,
+    priority_value,
     resize_policy,
 )
 
@@ -69,6 +70,7 @@ class RequestPlan:
 
     Built in two steps so that bad arguments are refused before any call: the constructor
     checks the images and options, `fit` splits them once the server's limits are known.
+    `priority` None is the client's default class (`ClientConfig.priority`).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class RequestPlan:
         dims: int | None,
         resize: str | int | None,
         batch_size: int | None,
+        priority: str | int | None = None,
     ):
         self.images = as_list(images)
         check_dims(dims)
@@ -89,6 +92,7 @@ class RequestPlan:
         self.batch_size = batch_size
         self.dims = dims if dims is not None else config.dims
         self.resize = resize_policy(resize if resize is not None else config.resize)
+        self.priority = priority_value(priority) if priority is not None else config.priority
         self.runs: list[range] = []
         self.output_dims = self.dims or 0
 
@@ -115,6 +119,7 @@ class RequestPlan:
         request = netvlad_pb2.DescribeImagesRequest(
             images=[image_message(self.images[i], image_id(self.images[i], i)) for i in run],
             dims=self.dims or 0,
+            priority=self.priority,  # type: ignore[arg-type]  # a Priority value
         )
         if self.resize is not None:
             request.resize.CopyFrom(self.resize)

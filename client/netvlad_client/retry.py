@@ -89,5 +89,5 @@ class CallAttempts:
         if delay is not None and remaining is not None:
             delay = None if remaining <= 0 else min(delay, remaining)
         if delay is None:
-            raise rpc_error(self.method, exc, self.config.target, self.attempts) from None
+            raise rpc_error(self.method, exc, self.config, self.attempts) from None
         return delay

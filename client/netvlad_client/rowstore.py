@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,6 +22,42 @@ from netvlad_client import NetVLADInputError
 from netvlad_client.formats import FORMATS, atomic_write, fsync_directory, read_descriptors
 
 CHECKPOINT_VERSION = 1
+SCRATCH_PREFIX = ".netvlad-rows-"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove what a killed run (`kill -9`, power loss) left next to `out`; the paths removed.
+
+    Only files that are provably ours go: the temporary output `.NAME.tmp-PID` (of `RowFile`
+    and `atomic_write`) and the scratch rows `.netvlad-rows-PID-*.f32`, each of a PID that is
+    no longer running. A live process's files, and anything named otherwise, stay.
+    """
+    patterns = (re.compile(rf"\.{re.escape(out.name)}\.tmp-(\d+)"),
+                re.compile(rf"{re.escape(SCRATCH_PREFIX)}(\d+)-\w+\.f32"))
+    removed = []
+    try:
+        entries = list(os.scandir(out.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        for pattern in patterns:
+            found = pattern.fullmatch(entry.name)
+            if found and int(found[1]) != os.getpid() and not _pid_alive(int(found[1])) \
+                    and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+                removed.append(Path(entry.path))
+    return removed
 
 
 class RowFile:
@@ -44,15 +81,17 @@ class RowFile:
         self.names = list(names)
         self._position = {name: i for i, name in enumerate(self.names)}
         self._done = np.zeros(len(self.names), dtype=bool)
+        self.skipped: dict[str, str] = {}  # name -> why it was left out (--on-error skip)
         shape = (len(self.names), dims)
+        self._dims = dims
         self.in_place = output is not None
         if output is not None:
             if fmt not in self.IN_PLACE_FORMATS:
                 raise ValueError(f"only {self.IN_PLACE_FORMATS} are filled in place, not {fmt}")
             self.path = output.with_name(f".{output.name}.tmp-{os.getpid()}")
         else:
-            handle, scratch = tempfile.mkstemp(prefix=".netvlad-rows-", suffix=".f32",
-                                               dir=scratch_dir)
+            handle, scratch = tempfile.mkstemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-",
+                                               suffix=".f32", dir=scratch_dir)
             os.close(handle)
             self.path = Path(scratch)
         if not self.names:  # nothing to map: an empty file cannot be memory-mapped
@@ -67,7 +106,7 @@ class RowFile:
     @property
     def dims(self) -> int:
         """Values per row."""
-        return int(self.rows.shape[1])
+        return self._dims
 
     def __contains__(self, name: object) -> bool:
         """Whether `name` is one of the images (filled or not)."""
@@ -84,6 +123,18 @@ class RowFile:
     def count(self) -> int:
         """How many rows are filled."""
         return int(self._done.sum())
+
+    def settled(self, name: str) -> bool:
+        """Whether `name` needs no more work: its row is filled or it was skipped."""
+        return name in self.skipped or self.filled(name)
+
+    def skip(self, name: str, reason: str) -> None:
+        """Leave `name` out of the result (its row stays unfilled), saying why."""
+        self.skipped[name] = reason
+
+    def kept(self) -> list[int]:
+        """The rows of the images not skipped, in order."""
+        return [i for i, name in enumerate(self.names) if name not in self.skipped]
 
     def put(self, names: Sequence[str], rows: np.ndarray) -> None:
         """Store the descriptors of `names` (one row each, in that order)."""
@@ -110,10 +161,11 @@ class RowFile:
 class Checkpoint:
     """Finished chunks of a resumable run, kept in a directory next to the output.
 
-    Layout: `manifest.json` (what the descriptors were made with) and one
-    `chunk-NNNNNN.npz` per finished request holding `names` and `descriptors`. A chunk file
-    exists only once it is complete and fsynced, so a killed run loses at most the requests
-    that were in flight.
+    Layout: `manifest.json` (what the descriptors were made with), one `chunk-NNNNNN.npz` per
+    finished request holding `names` and `descriptors`, and with --on-error skip one
+    `skipped-NNNNNN.json` ({name: reason}) per request that left images out. A file exists
+    only once it is complete and fsynced, so a killed run loses at most the requests that were
+    in flight.
     """
 
     def __init__(self, directory: Path, manifest: Mapping[str, Any]):
@@ -135,16 +187,31 @@ class Checkpoint:
         else:
             text = json.dumps(self.manifest, indent=2, sort_keys=True).encode()
             atomic_write(manifest_path, lambda handle: handle.write(text))
-        for stale in self.directory.glob(".chunk-*.tmp-*"):
+        for stale in self.directory.glob(".*.tmp-*"):
             stale.unlink(missing_ok=True)  # left by a run killed while writing
-        for chunk in self.directory.glob("chunk-*.npz"):
-            self._next = max(self._next, int(chunk.stem.split("-")[1]) + 1)
+        for record in (*self.directory.glob("chunk-*.npz"),
+                       *self.directory.glob("skipped-*.json")):
+            self._next = max(self._next, int(record.stem.split("-")[1]) + 1)
 
     def saved(self) -> Iterator[tuple[list[str], np.ndarray]]:
         """The finished chunks, one at a time: (names, descriptors)."""
         for chunk in sorted(self.directory.glob("chunk-*.npz")):
             saved = read_descriptors(chunk, fmt="npz")
             yield saved.names or [], saved.values
+
+    def skipped(self) -> dict[str, str]:
+        """The images earlier runs skipped (--on-error skip): name -> reason."""
+        found: dict[str, str] = {}
+        for record in sorted(self.directory.glob("skipped-*.json")):
+            found.update(json.loads(record.read_text()))
+        return found
+
+    def save_skipped(self, skipped: Mapping[str, str]) -> None:
+        """Remember durably that these images were skipped, and why."""
+        path = self.directory / f"skipped-{self._next:06d}.json"
+        self._next += 1
+        text = json.dumps(dict(skipped), indent=1).encode()
+        atomic_write(path, lambda handle: handle.write(text))
 
     def _check_manifest(self, found: Mapping[str, Any]) -> None:
         """Refuse to mix descriptors made with another model or other options."""

@@ -15,7 +15,14 @@ import numpy as np
 from netvlad_client._proto import netvlad_pb2
 from netvlad_client.config import ClientConfig
 from netvlad_client.errors import NetVLADRPCError, rpc_error, status_code
-from netvlad_client.inputs import ImageInput, check_dims, image_id, image_message, resize_policy
+from netvlad_client.inputs import (
+    ImageInput,
+    check_dims,
+    image_id,
+    image_message,
+    priority_value,
+    resize_policy,
+)
 from netvlad_client.planning import decode_descriptors
 
 METHOD = "StreamDescribeImages"
@@ -37,19 +44,31 @@ class StreamResult:
 
 
 class StreamFrames:
-    """One stream's options, its request messages and its answers."""
+    """One stream's options, its request messages and its answers.
 
-    def __init__(self, config: ClientConfig, dims: int | None, resize: str | int | None):
+    Frames are interactive unless the call or the client names a class: a stream is a camera
+    or a robot waiting for each answer.
+    """
+
+    def __init__(self, config: ClientConfig, dims: int | None, resize: str | int | None,
+                 priority: str | int | None = None):
         check_dims(dims)
         self.config = config
         self.dims = dims if dims is not None else config.dims
         self.policy = resize_policy(resize if resize is not None else config.resize)
+        if priority is not None:
+            self.priority = priority_value(priority)
+        elif config.priority != netvlad_pb2.PRIORITY_UNSPECIFIED:
+            self.priority = config.priority
+        else:
+            self.priority = netvlad_pb2.PRIORITY_INTERACTIVE
         self.failure: BaseException | None = None
 
     def request(self, sequence: int, frame: ImageInput) -> netvlad_pb2.StreamDescribeImagesRequest:
         """The stream message for one frame."""
         request = netvlad_pb2.DescribeImagesRequest(
-            images=[image_message(frame, image_id(frame, sequence))], dims=self.dims or 0
+            images=[image_message(frame, image_id(frame, sequence))], dims=self.dims or 0,
+            priority=self.priority,  # type: ignore[arg-type]  # a Priority value
         )
         if self.policy is not None:
             request.resize.CopyFrom(self.policy)
@@ -72,7 +91,7 @@ class StreamFrames:
     def call_failed(self, exc: grpc.RpcError) -> None:
         """The call ended with an error: raise it, unless a local failure explains it."""
         if self.failure is None:
-            raise rpc_error(METHOD, exc, self.config.target, 1) from None
+            raise rpc_error(METHOD, exc, self.config, 1) from None
 
     def finish(self) -> None:
         """Raise the local failure that ended the stream, if any."""

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TextIO
 
-from netvlad_client import ClientConfig, NetVLADClient, NetVLADInputError
-from netvlad_client.options import Option, choice, positive_int
+from netvlad_client import DEFAULT_PORT, ClientConfig, NetVLADClient, NetVLADInputError
+from netvlad_client.inputs import PRIORITIES
+from netvlad_client.options import Option, choice, int_range, positive_float, positive_int
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-DEFAULT_TARGET = "127.0.0.1:50051"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm",
+                    ".pnm", ".pbm")
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
+PRIORITY_SETTINGS = tuple(PRIORITIES)
 DEFAULT_CONCURRENCY = 2
 PROGRESS_SETTINGS = ("auto", "always", "never")
 EXIT_ERROR = 1
@@ -36,13 +42,20 @@ def resize_setting(text: str) -> str:
 
 CONNECTION = "connection"
 CONNECTION_OPTIONS: tuple[Option, ...] = (
-    Option(("--target",), "HOST:PORT, IP:PORT,IP:PORT (round-robin) or dns:///NAME:PORT",
-           default=DEFAULT_TARGET, env="NETVLAD_TARGET", group=CONNECTION),
+    Option(("--target",), f"HOST[:PORT] (port {DEFAULT_PORT} when omitted), IP:PORT,IP:PORT "
+           "(round-robin) or dns:///NAME:PORT", default=DEFAULT_TARGET, env="NETVLAD_TARGET",
+           group=CONNECTION),
     Option(("--timeout",), "deadline of each call in seconds", default=_client_default("timeout"),
-           convert=float, env="NETVLAD_CLIENT_TIMEOUT", group=CONNECTION),
+           convert=positive_float, env="NETVLAD_CLIENT_TIMEOUT", group=CONNECTION),
     Option(("--retries",), "retries of a call that fails with UNAVAILABLE or finds the server's "
            "queue full, with exponential backoff", default=_client_default("retries"),
-           convert=int, env="NETVLAD_CLIENT_RETRIES", group=CONNECTION),
+           convert=int_range(0), env="NETVLAD_CLIENT_RETRIES", group=CONNECTION),
+    Option(("--priority",), "the server's queue class of every request: interactive (someone "
+           "waits for the answer) runs ahead of bulk (many requests back to back)",
+           convert=choice(PRIORITY_SETTINGS, str.lower), choices=PRIORITY_SETTINGS,
+           env="NETVLAD_CLIENT_PRIORITY", group=CONNECTION,
+           shown_default="bulk for more than one request's worth of images and for evaluate "
+           "and evaluate-retrieval; interactive for one request"),
     Option(("--tls",), "use TLS with the system's root certificates (implied by --tls-ca/"
            "--tls-cert)", default=_client_default("tls"), kind="switch", env="NETVLAD_CLIENT_TLS",
            group=CONNECTION),
@@ -57,7 +70,17 @@ CONNECTION_OPTIONS: tuple[Option, ...] = (
     Option(("--token-file",), "file whose first line is a bearer token, sent as 'authorization: "
            "Bearer ...'; blank and # comment lines are skipped, as the server's --token-file does",
            env="NETVLAD_CLIENT_TOKEN_FILE", group=CONNECTION),
+    Option(("--verbose", "-v"), "also show gRPC's own log lines (connection and TLS details) on "
+           "stderr; without it they are hidden unless GRPC_VERBOSITY is set", default=False,
+           kind="switch", group=CONNECTION),
 )
+
+
+def dims_setting(text: str) -> int:
+    """--dims: N keeps the first N values, re-normalised; 0 or "all" keeps every one (0)."""
+    if text.strip().lower() == "all":
+        return 0
+    return int_range(0)(text)
 
 
 def progress_option(help_text: str, group: str | None = None) -> Option:
@@ -87,8 +110,12 @@ def read_token(path: str | None) -> str | None:
     return token
 
 
-def client_config(args: argparse.Namespace) -> ClientConfig:
-    """The client configuration the connection options describe."""
+def client_config(args: argparse.Namespace, priority: str | None = None) -> ClientConfig:
+    """The client configuration the connection options describe.
+
+    `priority` is the command's default class, used unless --priority says otherwise; None
+    leaves the choice to each call (see `netvlad_client.bulk.bulk_priority`).
+    """
     return ClientConfig.build(
         args.target,
         timeout=args.timeout,
@@ -99,12 +126,13 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         client_key=args.tls_key,
         server_name=args.tls_server_name,
         token=read_token(args.token_file),
+        priority=args.priority or priority,
     )
 
 
-def client_from_args(args: argparse.Namespace) -> NetVLADClient:
-    """A NetVLADClient for the connection options."""
-    return NetVLADClient.from_config(client_config(args))
+def client_from_args(args: argparse.Namespace, priority: str | None = None) -> NetVLADClient:
+    """A NetVLADClient for the connection options (`priority`: see `client_config`)."""
+    return NetVLADClient.from_config(client_config(args, priority))
 
 
 def _problems(kind: str, items: Sequence[str]) -> str:
@@ -114,23 +142,111 @@ def _problems(kind: str, items: Sequence[str]) -> str:
     return f"{kind}: {shown}" + (f" and {more} more" if more > 0 else "")
 
 
-def image_files(inputs: Iterable[str | os.PathLike[str]], recursive: bool = False) -> list[Path]:
+class MessageStream:
+    """Messages to the user (stderr) that a reader gone away cannot turn into a failure.
+
+    With `2>&1 | head` the reader may close the pipe while the run goes on: the first write
+    that meets the closed pipe points the file descriptor at /dev/null and later messages are
+    dropped, so results and the exit status never depend on who reads the messages.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        """Write text (or drop it once the reader is gone)."""
+        if not self.reader_gone:
+            try:
+                self._stream.write(text)
+            except OSError as exc:
+                self._gone(exc)
+        return len(text)
+
+    def flush(self) -> None:
+        """Flush (a no-op once the reader is gone)."""
+        if not self.reader_gone:
+            try:
+                self._stream.flush()
+            except OSError as exc:
+                self._gone(exc)
+
+    def isatty(self) -> bool:
+        """Whether the stream is a terminal."""
+        return not self.reader_gone and self._stream.isatty()
+
+    def _gone(self, exc: OSError) -> None:
+        if not isinstance(exc, BrokenPipeError) and exc.errno not in (errno.EPIPE, errno.EBADF):
+            raise exc
+        self.reader_gone = True
+        try:
+            fd = self._stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)  # the interpreter's own flush at exit then succeeds quietly
+        finally:
+            os.close(devnull)
+
+
+def messages(stream: TextIO | None = None) -> TextIO:
+    """`stream` (default: standard error) as a MessageStream, once."""
+    stream = stream if stream is not None else sys.stderr
+    if isinstance(stream, MessageStream):
+        return stream
+    return MessageStream(stream)  # type: ignore[return-value]
+
+
+def say(text: str, stream: TextIO | None = None) -> None:
+    """One line for the user on standard error (or `stream`); a closed reader changes nothing."""
+    print(text, file=messages(stream), flush=True)
+
+
+def _scan(directory: Path, recursive: bool, broken: list[str], linked: list[str]) -> list[Path]:
+    """The image files of a folder (and its sub-folders when recursive), unsorted.
+
+    Broken symbolic links, and with `recursive` symbolic links to folders (not followed, so a
+    link cannot make the scan loop), are listed in `broken` and `linked`.
+    """
+    found: list[Path] = []
+    pending = [directory]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                path = Path(entry.path)
+                if entry.is_symlink() and not path.exists():
+                    broken.append(str(path))
+                elif entry.is_dir():
+                    if not recursive:
+                        continue
+                    if entry.is_symlink():
+                        linked.append(str(path))
+                    else:
+                        pending.append(path)
+                elif entry.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+                    found.append(path)
+    return found
+
+
+def image_files(inputs: Iterable[str | os.PathLike[str]], recursive: bool = False,
+                notes: TextIO | None = None) -> list[Path]:
     """Expand files and directories (sorted, image extensions only) into a list of image paths.
 
     Raises NetVLADInputError naming every missing path, non-image file and empty directory.
+    Broken symbolic links in a folder, and symbolic links to sub-folders (not followed) with
+    `recursive`, are skipped with a note on `notes` (default: standard error).
     """
     files: list[Path] = []
     missing: list[str] = []
     unknown: list[str] = []
     empty: list[str] = []
+    broken: list[str] = []
+    linked: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(
-                (p for p in (path.rglob("*") if recursive else path.iterdir())
-                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-                key=lambda p: p.as_posix(),
-            )
+            found = sorted(_scan(path, recursive, broken, linked), key=lambda p: p.as_posix())
             if found:
                 files.extend(found)
             else:
@@ -142,6 +258,11 @@ def image_files(inputs: Iterable[str | os.PathLike[str]], recursive: bool = Fals
                 unknown.append(str(path))
         else:
             missing.append(str(path))
+    if broken:
+        say("note: " + _problems("skipped broken symbolic links", sorted(broken)), notes)
+    if linked:
+        say("note: " + _problems("did not follow symbolic links to folders (pass the folders "
+                                 "themselves to describe them)", sorted(linked)), notes)
     problems = []
     if missing:
         problems.append(_problems("not found", missing))
@@ -154,4 +275,3 @@ def image_files(inputs: Iterable[str | os.PathLike[str]], recursive: bool = Fals
     if problems:
         raise NetVLADInputError("; ".join(problems))
     return files
-

@@ -18,14 +18,14 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 from netvlad_client import ClientConfig, NetVLADClient
-from netvlad_client.cli.bulk import BulkSettings, describe_rows
+from netvlad_client.cli.bulk import BulkSettings, describe_rows, on_error_option, write_skipped
 from netvlad_client.cli.common import (
     EXIT_ERROR,
     client_config,
@@ -98,6 +98,7 @@ class EvaluateConfig:
     time_tolerance: float = DEFAULT_TIME_TOLERANCE  # seconds
     closure_precision: float = DEFAULT_CLOSURE_PRECISION
     plot_plane: str = "auto"  # auto | xy | xz | yz
+    on_error: str = "fail"  # fail | skip: an image the server refuses (--on-error)
 
     @property
     def timed(self) -> bool:
@@ -146,6 +147,7 @@ OPTIONS: tuple[Option, ...] = (
            "order of the names (frame 9 before 10), or by the timestamps in the names with "
            "--tum/--euroc; described through the server unless --descriptors is given",
            convert=Path, metavar="DIR", group=INPUTS),
+    on_error_option(group=INPUTS),
     Option(("--poses",), "KITTI poses file (12 numbers a row, translation at 3, 7, 11), one "
            "row per frame", convert=Path, metavar="FILE", group=INPUTS, one_of="positions"),
     Option(("--positions",), "plain position file: x y z per row (spaces or commas), one row "
@@ -253,6 +255,7 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
         time_tolerance=args.time_tolerance,
         closure_precision=args.closure_precision,
         plot_plane=args.plot_plane,
+        on_error=args.on_error,
     )
 
 
@@ -419,15 +422,35 @@ def _describe(config: EvaluateConfig, images: Sequence[Path], stderr: TextIO) ->
         config.out.mkdir(parents=True, exist_ok=True)
         rows = RowFile([str(path) for path in images], info.output_dims, output=saved, fmt="npy")
         try:
-            settings = BulkSettings(concurrency=config.concurrency, progress=config.progress)
+            settings = BulkSettings(concurrency=config.concurrency, progress=config.progress,
+                                    on_error=config.on_error)
             stopped = describe_rows(client, info, rows, settings, stream=stderr)
             if stopped is not None:
                 raise _Stopped(stopped)
+            if rows.skipped:  # no descriptor: NaN rows, left out of the evaluation
+                rows.rows[[rows.index(name) for name in rows.skipped]] = np.nan
+            write_skipped(saved.with_name(saved.name + ".skipped.tsv"), rows.skipped,
+                          {name: i for i, name in enumerate(rows.names)})
             rows.finish(saved)
         finally:
             rows.discard()
     _note(stderr, f"saved the descriptors to {saved} (reuse with --descriptors)")
     return np.load(saved)
+
+
+def _without_descriptors(frames: Frames, values: np.ndarray, stderr: TextIO) -> Frames:
+    """The frames less those whose descriptor is NaN (an image --on-error skip left out)."""
+    missing = ~np.isfinite(values[frames.keep]).all(axis=1)
+    if not missing.any():
+        return frames
+    names = frames.kept_names
+    left = [frame_name(names[i]) if names else f"#{frames.keep[i]}"
+            for i in np.flatnonzero(missing)]
+    shown = ", ".join(left[:_SHOWN]) + (f" and {len(left) - _SHOWN} more"
+                                        if len(left) > _SHOWN else "")
+    _note(stderr, f"left out {len(left)} frames whose image was skipped (--on-error skip), "
+                  f"with their ground truth: {shown}")
+    return replace(frames, keep=frames.keep[~missing], positions=frames.positions[~missing])
 
 
 def _order_note(frames: Frames, config: EvaluateConfig) -> str:
@@ -512,6 +535,7 @@ def execute(
         assert images is not None
         values = _describe(config, [images[i] for i in frames.order], stderr)
         label, saved = config.label or "server", str(config.out / SAVED_DESCRIPTORS)
+    frames = _without_descriptors(frames, values, stderr)
     descriptors = values[frames.keep]
     curves = [(label, evaluate(descriptors, frames.positions, config.settings))]
     if other is not None:

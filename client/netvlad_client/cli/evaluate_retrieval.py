@@ -149,7 +149,7 @@ def config_from_args(args: argparse.Namespace) -> RetrievalConfig:
         )
     describes = args.db_descriptors is None or args.query_descriptors is None
     return RetrievalConfig(
-        client=client_config(args) if describes else None,
+        client=client_config(args, priority="bulk") if describes else None,
         dbstruct=args.dbstruct,
         database=args.database,
         queries=args.queries,

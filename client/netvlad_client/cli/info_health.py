@@ -9,9 +9,10 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from netvlad_client import NetVLADError
+from netvlad_client import NetVLADError, queue_budget
 from netvlad_client._proto import netvlad_pb2
 from netvlad_client.cli.common import EXIT_ERROR, client_from_args
+from netvlad_client.inputs import priority_name
 from netvlad_client.options import Option, add_options
 
 INFO_OPTIONS: tuple[Option, ...] = (
@@ -53,7 +54,10 @@ def format_info(info: netvlad_pb2.ModelInfo) -> str:
         ("default resize", resize_text),
         ("max batch size", str(limits.max_batch_size)),
         ("max queue delay", f"{limits.max_queue_delay_ms:g} ms"),
-        ("max queue size", str(limits.max_queue_size)),
+        ("max queue size", f"{limits.max_queue_size} interactive, "
+                           f"{queue_budget(info, 'bulk')[0]} bulk images"),
+        ("default priority", f"{priority_name(info.default_priority)} (requests that name no "
+                             "class)"),
         ("images/request", str(limits.max_images_per_request)),
         ("max image pixels", str(limits.max_image_pixels)),
         ("min image side", f"{limits.min_image_side} px"),

@@ -22,7 +22,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TF_CPP_MIN_LOG_LEVEL=1 \
     NETVLAD_MODEL=/models/vd16_pitts30k_conv5_3_vlad_preL2_intra_white \
     NETVLAD_PORT=50051 \
-    NETVLAD_METRICS_PORT=9090
+    NETVLAD_METRICS_PORT=9090 \
+    NETVLAD_INDEX_DIR=/var/lib/netvlad/indexes
 
 WORKDIR /opt/netvlad
 
@@ -36,10 +37,12 @@ COPY client ./client
 COPY server ./server
 RUN pip install --no-cache-dir --no-deps . \
     && rm -rf build ./*.egg-info \
-    && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin netvlad
+    && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin netvlad \
+    && mkdir -p /var/lib/netvlad/indexes && chown 10001 /var/lib/netvlad/indexes
 
 USER 10001
-VOLUME ["/models"]
+# Place indexes (write-ahead logs and snapshots) persist in a volume at NETVLAD_INDEX_DIR.
+VOLUME ["/models", "/var/lib/netvlad/indexes"]
 EXPOSE 50051 9090
 
 # Loading the 1.1 GB checkpoint and warming up can take minutes on a cold disk: the start period

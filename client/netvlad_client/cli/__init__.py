@@ -1,7 +1,8 @@
 """`netvlad-client`: describe images through a running server, evaluate, show its model, health.
 
 Layout: `common` (connection options, exit codes, input files) and `bulk` (the resumable bulk
-describing path) are shared; each subcommand module (`describe`, `info_health`, `evaluate`) has
+describing path) are shared; each subcommand module (`describe`, `info_health`, `evaluate`,
+`index`) has
 its option table and a `register(subparsers)`, and none imports another. Global options (before
 the subcommand) choose the server and the channel security; each has a NETVLAD_* environment
 fallback (docs/OPTIONS.md). Errors end with a one-line message and a non-zero exit status.
@@ -14,11 +15,11 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from netvlad_client import NetVLADError, __version__
-from netvlad_client.cli import describe, evaluate, evaluate_retrieval, info_health
+from netvlad_client.cli import describe, evaluate, evaluate_retrieval, index, info_health
 from netvlad_client.cli.common import CONNECTION_OPTIONS, EXIT_ERROR, EXIT_INTERRUPTED
 from netvlad_client.options import add_options, parse_args
 
-SUBCOMMANDS = (describe, info_health, evaluate, evaluate_retrieval)
+SUBCOMMANDS = (describe, info_health, evaluate, evaluate_retrieval, index)
 
 
 def build_parser() -> argparse.ArgumentParser:

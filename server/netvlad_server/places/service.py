@@ -105,6 +105,11 @@ class PlaceIndexService:
         """handler(request, timeout) once the model is known; unexpected failures -> INTERNAL."""
         if isinstance(request, MalformedMessage):
             raise PlaceError(request.error.code, request.error.message)
+        if self._config.index_server:
+            raise PlaceError(grpc.StatusCode.FAILED_PRECONDITION,
+                             "this server keeps no place indexes (--index-server): they live on "
+                             f"{self._config.index_server}; send index calls there (netvlad-client "
+                             "--index-target, or a client connected to that server)")
         if self._identity is None:
             raise PlaceError(grpc.StatusCode.UNAVAILABLE, _LOADING)
         try:

@@ -569,6 +569,36 @@ def test_cli_dims_above_the_descriptors_names_the_flag(tmp_path, capsys):
                    f"the 64 of --descriptors {paths['good']}; pass --dims 64 or --dims all")
 
 
+def test_cli_saved_nan_rows_are_frames_without_a_descriptor(tmp_path, capsys):
+    # `evaluate --on-error skip` saves a skipped frame as a row of NaN only: reading that file
+    # back leaves those frames out with their ground truth, as the live run did.
+    positions, skipped = loop_positions(places=100, laps=3), [0, 17, 150, 299]
+    values = loop_descriptors(300, 100)
+    saved, path = values.copy(), tmp_path / "descriptors.npy"
+    saved[skipped] = np.nan
+    np.save(path, saved)
+    args = ["evaluate", "--poses", str(write_kitti_poses(tmp_path / "poses.txt", positions)),
+            "--descriptors", str(path), "--dims", "all", "--suppression", "21", "--no-plots",
+            "--out", str(tmp_path / "out")]
+    assert cli_main(args) == 0
+    captured = capsys.readouterr()
+    kept = np.setdiff1d(np.arange(300), skipped)
+    expected = evaluate(values[kept], positions[kept], EvaluationSettings(suppression=21))
+    assert auc_line(captured.out) == pytest.approx(expected.auc, abs=1e-9)
+    assert (f"left out 4 frames without a descriptor (a row of NaN only) in --descriptors "
+            f"{path}, with their ground truth: #0, #17, #150, #299" in captured.err)
+    frames = json.loads((tmp_path / "out" / "summary.json").read_text())["frames"]
+    assert (frames["given"], frames["evaluated"]) == (300, 296)
+
+    # A row with only some NaN values (or an infinity) is damage, not a skipped frame.
+    saved[5, 3] = np.nan
+    np.save(path, saved)
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert "row 5 (0-based) holds NaN or infinity; 1 row(s) in all" in err
+    assert "a row of NaN only" in err
+
+
 def test_cli_without_matplotlib_stops_before_any_work_and_names_no_plots(tmp_path):
     paths = synthetic_run(tmp_path)
     code = ("import sys; sys.modules['matplotlib'] = None; "  # as if it were not installed

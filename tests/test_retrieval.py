@@ -442,6 +442,16 @@ def test_cli_from_saved_descriptors(tmp_path, capsys):
     assert cli_main([*args[:-2], "--radius", "25", "--dims", "32", "--out",
                      str(tmp_path / "d32")]) == 0
     assert json.loads((tmp_path / "d32" / "summary.json").read_text())["dims"] == 32
+    # --dims follows the rule of describe and evaluate: 0 and 'all' both keep every value.
+    for every in ("0", "all", "ALL"):
+        assert cli_main([*args[:-2], "--radius", "25", "--dims", every, "--out",
+                         str(tmp_path / f"d-{every}")]) == 0
+        assert json.loads((tmp_path / f"d-{every}" / "summary.json").read_text())["dims"] == 64
+    capsys.readouterr()
+    for bad, message in (("-1", "integer at least 0, got -1"), ("half", "integer, got 'half'")):
+        with pytest.raises(SystemExit):
+            cli_main([*args[:-2], "--dims", bad, "--out", str(tmp_path / "bad")])
+        assert f"argument --dims: expected an {message}" in capsys.readouterr().err
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):

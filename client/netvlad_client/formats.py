@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 import numpy as np
 
@@ -54,7 +54,8 @@ class DescriptorFormat:
     named: bool  # the file carries the image names (else a sidecar list of paths does)
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether text parses as a float (a header cell does not): the text readers share it."""
     try:
         float(text)
     except ValueError:
@@ -104,11 +105,11 @@ def _read_csv(path: Path, _dims: int | None, _count: int | None) -> Read:
         rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
     if not rows:
         raise DescriptorFileError(f"descriptor file {path} is empty")
-    if not all(_is_number(c) for c in rows[0][1:]):
+    if not all(is_number(c) for c in rows[0][1:]):
         rows = rows[1:]  # a header row
     if not rows:
         raise DescriptorFileError(f"descriptor file {path} holds a header but no descriptors")
-    named = not _is_number(rows[0][0])
+    named = not is_number(rows[0][0])
     names = [r[0] for r in rows] if named else None
     start = 1 if named else 0
     width = len(rows[0]) - start
@@ -312,14 +313,19 @@ class RowStream:
                              f"{self.written}")
 
 
-def silence_closed_stdout() -> None:
-    """After a reader closed our standard output (`| head`): point it at /dev/null, so Python's
-    flush at exit does not report the broken pipe a second time."""
+def silence_closed_stdout(stream: TextIO | None = None) -> None:
+    """After a reader closed our standard output (`| head`), or ``stream``: point it at
+    /dev/null, so later writes and Python's flush at exit pass quietly instead of reporting the
+    broken pipe again. A stream without a file descriptor is left as it is."""
     import sys
 
+    try:
+        fd = (stream or sys.stdout).fileno()
+    except (OSError, ValueError, AttributeError):
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, fd)
     finally:
         os.close(devnull)
 

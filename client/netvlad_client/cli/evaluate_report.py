@@ -16,10 +16,11 @@ from netvlad_client.evaluation import (
     Evaluation,
     EvaluationSettings,
     accepted_at_precision,
+    confusion_figure,
     confusion_matrices,
-    plot_confusion,
     plot_pr_curves,
-    plot_trajectory,
+    save_figure,
+    trajectory_figure,
 )
 
 MATCH_COLUMNS = (
@@ -159,32 +160,24 @@ def write_plots(
                    f"{closures.false} false (red), recall {closures.recall:.3f}")
     else:
         verdict = "none accepted: no prefix of the matches reaches that precision"
-    trajectory = plot_trajectory(
-        positions,
-        ev.match,
-        closures.frames,
-        ev.true_positive,
-        plane,
-        f"Loop closures of {label} at precision >= {closures.min_precision:g} "
-        f"({plane[0]}-{plane[1]} plane): {verdict}",
+    title = (f"Loop closures of {label} at precision >= {closures.min_precision:g} "
+             f"({plane[0]}-{plane[1]} plane): {verdict}")
+    trajectory = save_figure(
+        trajectory_figure(positions, ev.match, closures.frames, ev.true_positive, plane, title),
         out / "trajectory.png",
     )
     cm = confusion_matrices(descriptors, positions, settings, max_plot_frames)
     step = int(cm.frames[1] - cm.frames[0]) if len(cm.frames) > 1 else 1
     every = "" if step == 1 else f", every {step}th frame"
     band = f"suppressed band of {settings.suppression} blank{every}"
-    desc = plot_confusion(
-        cm.descriptor,
-        cm.frames,
-        f"Descriptor distances ({label}, {band})",
-        "squared descriptor distance",
+    desc = save_figure(
+        confusion_figure(cm.descriptor, cm.frames, f"Descriptor distances ({label}, {band})",
+                         "squared descriptor distance"),
         out / "confusion_descriptors.png",
     )
-    pos = plot_confusion(
-        cm.position,
-        cm.frames,
-        f"Position distances ({band})",
-        "position distance",
+    pos = save_figure(
+        confusion_figure(cm.position, cm.frames, f"Position distances ({band})",
+                         "position distance"),
         out / "confusion_positions.png",
     )
     return {

@@ -10,7 +10,6 @@ docs/EVALUATION.md says how to run the benchmarks and what to expect.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +20,20 @@ import numpy as np
 from netvlad_client import ClientConfig, NetVLADClient
 from netvlad_client.cli.bulk import BulkSettings, checkpoint_for, describe_rows
 from netvlad_client.cli.common import (
-    EXIT_ERROR,
     client_config,
     concurrency_option,
+    dims_setting,
     progress_option,
 )
-from netvlad_client.evaluation import EvaluationError
+from netvlad_client.cli.evaluation_common import (
+    Stopped,
+    check_dims,
+    register_command,
+    run_command,
+    write_summary,
+)
 from netvlad_client.formats import read_descriptors
-from netvlad_client.options import Option, add_options, int_range
+from netvlad_client.options import Option, int_range, positive_float
 from netvlad_client.retrieval import (
     DEFAULT_EXAMPLES,
     DEFAULT_RADIUS,
@@ -50,14 +55,6 @@ from netvlad_client.retrieval import (
 from netvlad_client.rowstore import RowFile
 
 DEFAULT_OUT = Path("retrieval")
-
-
-def _radius(text: str) -> float:
-    """--radius: a positive distance in metres."""
-    value = float(text)
-    if not value > 0:
-        raise ValueError(f"expected a positive distance in metres, got {text!r}")
-    return value
 
 
 INPUTS = "inputs (one benchmark: --dbstruct, or --database with --queries)"
@@ -82,9 +79,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--query-descriptors",), "saved query descriptors, in list order; skips "
            "describing the queries", convert=Path, metavar="FILE", group=INPUTS),
     Option(("--dims",), "use the first N descriptor values, re-normalised to unit length; 0 "
-           "for all", default=0, convert=int_range(0), metavar="N", group=MATHS),
+           "or 'all' for every one", default=0, convert=dims_setting, metavar="N",
+           shown_default="all", group=MATHS),
     Option(("--radius",), "a retrieved image is correct within this many metres of the query",
-           convert=_radius, metavar="METRES",
+           convert=positive_float, metavar="METRES",
            shown_default=f"the dbStruct's posDistThr, else {DEFAULT_RADIUS:g}", group=MATHS),
     Option(("--out",), "folder for summary.json, per_query.json/.csv, the PNGs and described "
            "descriptors", default=DEFAULT_OUT, convert=Path, metavar="DIR", group=OUTPUTS),
@@ -125,18 +123,17 @@ class RetrievalConfig:
 
 def register(subparsers: Any) -> None:
     """Add the `evaluate-retrieval` subcommand to the netvlad-client parser."""
-    parser = subparsers.add_parser(
+    register_command(
+        subparsers,
         "evaluate-retrieval",
-        help="recall@N of queries against a database (Pittsburgh / Tokyo 24/7 style)",
-        description=(
-            "Describe a benchmark's database and query images through the server (or read "
-            "saved descriptors), find each query's nearest database images (faiss, exact "
-            "cosine) and report recall@1/5/10/20 with the positive radius of the benchmark, "
-            "per-query results (JSON, CSV) and figures. Needs the 'eval' extra."
-        ),
+        "recall@N of queries against a database (Pittsburgh / Tokyo 24/7 style)",
+        "Describe a benchmark's database and query images through the server (or read saved "
+        "descriptors), find each query's nearest database images (faiss, exact cosine) and "
+        "report recall@1/5/10/20 with the positive radius of the benchmark, per-query results "
+        "(JSON, CSV) and figures. Needs the 'eval' extra.",
+        OPTIONS,
+        run,
     )
-    add_options(parser, OPTIONS)
-    parser.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> RetrievalConfig:
@@ -177,14 +174,6 @@ def load_benchmark(config: RetrievalConfig) -> Benchmark:
         config.database, config.queries, config.db_root, config.query_root,
         config.radius or DEFAULT_RADIUS,
     )
-
-
-class _Stopped(Exception):
-    """Describing stopped early (error or interrupt); the message is out, `status` is the exit."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -247,7 +236,7 @@ def _describe(
         )
         stopped = describe_rows(client, info, rows, settings, checkpoint, stream=stderr)
         if stopped is not None:
-            raise _Stopped(stopped)
+            raise Stopped(stopped)
         rows.finish(saved)
     finally:
         rows.discard()
@@ -271,28 +260,18 @@ def _descriptors(
             check_missing_images(side.images, side.noun, side.root_flag)
     values = {side.what: _read_saved(side) for side in sides if side.saved is not None}
     for side in sides:
-        if side.what in values and config.dims is not None:
-            _check_dims(config.dims, values[side.what].shape[1], f"{side.flag} {side.saved}")
+        if side.what in values:
+            check_dims(config.dims, values[side.what].shape[1], f"{side.flag} {side.saved}")
     todo = [side for side in sides if side.saved is None]
     if todo:
         assert config.client is not None  # config_from_args builds it when describing
         with NetVLADClient.from_config(config.client) as client:
             output_dims = client.info().output_dims
-            if config.dims is not None:
-                _check_dims(config.dims, output_dims, "the server's model")
+            check_dims(config.dims, output_dims, "the server's model")
             config.out.mkdir(parents=True, exist_ok=True)
             for side in todo:
                 values[side.what] = _describe(client, config, side, output_dims, stderr)
     return values["database"], values["queries"]
-
-
-def _check_dims(dims: int, available: int, source: str) -> None:
-    """--dims must not ask for more values than the descriptors have (checked before work)."""
-    if dims > available:
-        raise RetrievalError(
-            f"--dims {dims} asks for more dimensions than the {available} of {source}; pass "
-            f"--dims {available} or --dims 0 for all"
-        )
 
 
 def _check_before_work(config: RetrievalConfig, benchmark: Benchmark) -> None:
@@ -357,22 +336,11 @@ def execute(
         "target": config.client.target if config.client else None,
         "files": files,
     }
-    summary_path = out / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    summary_path = write_summary(out, summary)
     print(f"wrote {', '.join([*files.values(), str(summary_path)])}", file=stderr)
     return summary
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of the subcommand: 0 on success, EXIT_ERROR with a one-line message.
-
-    Server errors (NetVLADError) go up to `netvlad-client`'s own handler.
-    """
-    try:
-        execute(config_from_args(args))
-    except _Stopped as stopped:
-        return stopped.status
-    except (EvaluationError, OSError) as exc:
-        print(f"netvlad-client evaluate-retrieval: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
+    """Entry point of the subcommand: 0 on success, EXIT_ERROR with a one-line message."""
+    return run_command("evaluate-retrieval", lambda: execute(config_from_args(args)))

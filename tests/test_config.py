@@ -62,7 +62,7 @@ def test_the_official_directory_under_models_is_the_default(tmp_path, monkeypatc
      "environment variable NETVLAD_MAX_BATCH_SIZE='eight': expected an integer, got 'eight'"),
     (["--resize", "fit:-3"], {}, "expected 'keep' or 'fit:N'"),
     (["--warmup-sizes", "480by640"], {}, "expected HEIGHTxWIDTH"),
-    (["--precision", "int8"], {}, "expected one of float32, bfloat16, float16, auto"),
+    (["--precision", "int4"], {}, "expected one of float32, bfloat16, float16, int8, auto"),
     ([], {"NETVLAD_XLA": "maybe"}, "environment variable NETVLAD_XLA='maybe': expected a boolean"),
     ([], {"NETVLAD_GPU_MEMORY_GROWTH": "ture"}, "NETVLAD_GPU_MEMORY_GROWTH='ture': expected a"),
     (["--min-image-side", "8"], {}, "--min-image-side: expected an integer at least 16"),

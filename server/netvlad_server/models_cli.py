@@ -7,6 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from netvlad_client import __version__
 from netvlad_client.formats import silence_closed_stdout
 from netvlad_client.options import Option, add_options, parse_args
 
@@ -28,6 +29,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "netvlad_server.models_cli:register_convert",
     "netvlad_server.fetch:register_fetch",
     "netvlad_server.layercheck:register_compare_layers",
+    "netvlad_server.tflite:register_export",
 )
 
 _FORMAT_NAMES = {
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="netvlad-models", description="Inspect, convert and check NetVLAD weight files."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for entry in SUBCOMMANDS:
         module, _, function = entry.partition(":")

@@ -2,8 +2,9 @@
 
 The `server` extra pins the CPU build of TensorFlow; the GPU image must not install it beside
 the CUDA build (both own the `tensorflow` package), so the GPU variant swaps those lines for the
-`gpu` extra. Keeping pyproject.toml the only list of dependencies stops the image drifting.
-Needs Python 3.11+ (tomllib), as the image and CI have.
+`gpu` extra; the CPU variant adds the `int8` extra (LiteRT). Keeping pyproject.toml the only
+list of dependencies stops the image drifting. Needs Python 3.11+ (tomllib), as the image and
+CI have.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _name(requirement: str) -> str:
 
 
 def requirements(pyproject: Path, variant: str) -> list[str]:
-    """Base + server requirements, with TensorFlow's CUDA build instead of the CPU one for gpu."""
+    """Base + server requirements: TensorFlow's CUDA build for gpu, LiteRT added for cpu."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown image variant {variant!r}; expected one of {VARIANTS}")
     project = tomllib.loads(pyproject.read_text())["project"]
@@ -35,6 +36,8 @@ def requirements(pyproject: Path, variant: str) -> list[str]:
     server = extras["server"]
     if variant == "gpu":
         server = [r for r in server if _name(r) not in _TENSORFLOW] + extras["gpu"]
+    else:  # int8 (LiteRT) is a CPU precision: only the CPU image carries it
+        server = [*server, *extras["int8"]]
     return [*project["dependencies"], *server]
 
 

@@ -141,8 +141,10 @@ def test_image_requirements_pick_one_tensorflow_build(variant):
     else:
         builds = [t.split(";")[0] for t in tensorflow]
         assert builds == ["tensorflow-cpu==2.21.*", "tensorflow==2.21.*"]
-    for package in ("grpcio", "prometheus-client", "opencv-python-headless", "numpy"):
+    for package in ("grpcio", "prometheus-client", "opencv-python-headless", "numpy", "faiss-cpu"):
         assert any(line.startswith(package) for line in lines), package
+    # --precision int8 runs on LiteRT, a CPU runtime: only the CPU image carries it
+    assert any(line.startswith("ai-edge-litert") for line in lines) == (variant == "cpu")
 
 
 # --- docker compose --------------------------------------------------------------------------

@@ -473,3 +473,56 @@ def test_bad_priority_classes_are_rejected():
     with pytest.raises(ValueError, match="max_skips"):
         BatchingPolicy(max_skips=-1)
     assert BatchingPolicy(max_queue_size=5).priority_classes == (PriorityClass("default", 5),)
+
+
+def test_lower_class_batches_shrink_while_a_higher_class_is_active():
+    async def scenario(high_first: bool, wait_after_high: float):
+        run = Recorder()
+        batcher = two_classes(run, max_batch_size=4, max_queue_delay=0.0, sizes=(8, 8),
+                              mixed_batch_size=2, mixed_window=0.5)
+        high = []
+        if high_first:
+            high = submit_in(batcher, "hi", "k", 100)
+            await asyncio.wait_for(asyncio.gather(*high), 10)
+            await asyncio.sleep(wait_after_high)
+        run.gate.clear()
+        run.entered.clear()
+        busy = submit_in(batcher, "lo", "k", 0)
+        await wait_entered(run)
+        low = submit_in(batcher, "lo", "k", *range(1, 9))
+        run.gate.set()
+        await asyncio.wait_for(asyncio.gather(*busy, *low), 10)
+        await batcher.close()
+        return [[v for _, v in batch] for batch in run.batches]
+
+    full = [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
+    assert asyncio.run(scenario(False, 0.0)) == full  # lo alone: max_batch_size
+    # hi submitted within mixed_window: lo batches hold mixed_batch_size items at most ...
+    assert asyncio.run(scenario(True, 0.0)) == [[100], [0], [1, 2], [3, 4], [5, 6], [7, 8]]
+    # ... and once hi has been quiet for mixed_window, lo's full batches are back.
+    assert asyncio.run(scenario(True, 0.7)) == [[100], *full]
+    with pytest.raises(ValueError, match="mixed_batch_size, mixed_window and linger must be"):
+        BatchingPolicy(mixed_batch_size=-1)
+
+
+def test_after_a_higher_batch_lower_work_lingers_for_the_next_higher_request():
+    async def scenario(linger: float):
+        run = Recorder()
+        batcher = two_classes(run, max_batch_size=2, max_queue_delay=0.0, linger=linger)
+        run.gate.clear()
+        low = submit_in(batcher, "lo", "k", 1, 2)  # runs at once: nothing of hi has run yet
+        await wait_entered(run)
+        first = submit_in(batcher, "hi", "k", 100)
+        more_low = submit_in(batcher, "lo", "k", 3, 4)
+        run.gate.set()
+        await asyncio.wait_for(asyncio.gather(*first), 10)
+        await asyncio.sleep(0.05)  # a caller's turnaround: answer out, next request in
+        second = submit_in(batcher, "hi", "k", 101)
+        await asyncio.wait_for(asyncio.gather(*low, *more_low, *second), 10)
+        await batcher.close()
+        return run.values_run
+
+    # Without linger the ready lo batch starts the moment hi's batch ends, and hi's next
+    # request waits behind it; lingering 0.5 s (cut short by the request) keeps the model for it.
+    assert asyncio.run(scenario(0.0)) == [1, 2, 100, 3, 4, 101]
+    assert asyncio.run(scenario(0.5)) == [1, 2, 100, 101, 3, 4]

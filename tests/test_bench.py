@@ -13,13 +13,52 @@ import pytest
 from netvlad_client.bench import cli as bench
 from netvlad_client.bench import harness
 
+# The mixed-load phase in miniature: 2 rounds of 1 s windows, 2 bulk callers of 4 images.
+SMALL_PRIORITY = ("--priority-rounds", "2", "--priority-seconds", "1",
+                  "--priority-idle-requests", "2", "--interactive-interval", "0.1",
+                  "--bulk-callers", "2", "--bulk-images", "4")
+
+
+def class_requests(metrics_url: str) -> dict[str, float]:
+    """DescribeImages calls a server answered OK, by priority class (from its /metrics)."""
+    counts = {"interactive": 0.0, "bulk": 0.0}
+    for name, labels, value in harness.metrics_samples(harness.read_metrics(metrics_url)):
+        if (name == "netvlad_class_requests_total" and labels["method"] == "DescribeImages"
+                and labels["code"] == "OK"):
+            counts[labels["class"]] += value
+    return counts
+
+
+def check_priority_server(part: dict, rounds: int) -> None:
+    """One server's mixed-load results: complete, consistent, ratios computed from them."""
+    idle, mixed = part["idle"], part["mixed"]
+    assert idle["requests"] == 2 * rounds == len(idle["latencies_ms"])
+    assert mixed["requests"] == len(mixed["latencies_ms"]) >= rounds  # at least one per window
+    assert 0 < idle["latency"]["p50_ms"] <= idle["latency"]["p99_ms"]
+    windows = part["bulk_windows"]
+    assert len(windows["alone"]) == len(windows["mixed"]) == rounds
+    assert all(images > 0 and seconds > 0
+               for images, seconds in windows["alone"] + windows["mixed"])
+    alone = sum(i for i, _ in windows["alone"]) / sum(s for _, s in windows["alone"])
+    assert part["bulk_alone_images_per_second"] == pytest.approx(alone)
+    targets = part["targets"]
+    assert targets["interactive_p50_vs_idle"]["value"] == pytest.approx(
+        mixed["latency"]["p50_ms"] / idle["latency"]["p50_ms"])
+    assert targets["bulk_mixed_vs_alone"]["value"] == pytest.approx(
+        part["bulk_mixed_images_per_second"] / alone)
+    assert {t["target"] for t in targets.values()} == {"<= 3", "<= 5", ">= 0.85"}
+    assert all(t["met"] == (t["value"] <= 3 if t["target"] == "<= 3" else
+                            t["value"] <= 5 if t["target"] == "<= 5" else t["value"] >= 0.85)
+               for t in targets.values())
+
 
 def small_run(tmp_path, *extra: str) -> tuple[dict, np.ndarray | None]:
     """Run netvlad-bench with a handful of tiny requests; the JSON and the decoded PNG."""
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     code = bench.main(["--model", "demo-tiny", "--precision", "float32", "--size", "32x48",
                        "--callers", "2", "--requests", "6", "--single-requests", "3",
-                       "--rss-requests", "10", "--raw-repeats", "1", "--out", str(out),
+                       "--rss-requests", "10", "--raw-repeats", "1", *SMALL_PRIORITY,
+                       "--out", str(out),
                        "--plot", str(png), "--log-dir", str(tmp_path / "logs"), *extra])
     assert code == 0
     return json.loads(out.read_text()), cv2.imread(str(png)) if png.exists() else None
@@ -46,16 +85,19 @@ def test_bench_starts_servers_and_writes_json_and_plot(tmp_path):
     assert min(parts) >= 0 and overhead["decode_cpu_seconds_per_image"] > 0  # a JPEG by default
     assert overhead["total_cpu_seconds_per_request"] == pytest.approx(
         sum(parts) + overhead["decode_cpu_seconds_per_image"])
+    check_priority_server(results["priority"]["servers"]["as configured"], rounds=2)
     summary = results["summary"]
     assert {"server_vs_raw_at_formed_batches", "server_vs_float32_one_at_a_time",
             "single_caller_median_vs_raw_batch_1", "server_vs_no_batching",
-            "rss_growth_mib"} <= set(summary)
+            "rss_growth_mib", "priority [as configured] interactive_p99_vs_idle"} <= set(summary)
     assert image is not None and image.shape[0] > 300 and image.shape[1] > 400
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 10  # drawn, not blank
 
 
 def test_bench_drives_a_running_server(tiny_server_process, tmp_path):
     server = tiny_server_process
+    metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    before = class_requests(metrics_url)
     results, image = small_run(
         tmp_path, "--target", server.target, "--server-pid", str(server.process.pid),
         "--metrics-url", f"http://127.0.0.1:{server.metrics_port}/metrics",
@@ -66,6 +108,35 @@ def test_bench_drives_a_running_server(tiny_server_process, tmp_path):
     assert sum(int(size) * calls for size, calls in results["load"]["batch_sizes"].items()) == 6
     assert results["memory"]["requests"] == 10
     assert results["overhead"]["decode_cpu_seconds_per_image"] < 1e-3  # raw pixels: a view
+    # The mixed-load phase ran on that server, its interactive requests in the interactive class.
+    part = results["priority"]["servers"]["as configured"]
+    check_priority_server(part, rounds=2)
+    after = class_requests(metrics_url)
+    assert after["interactive"] - before["interactive"] == (
+        part["idle"]["requests"] + part["mixed"]["requests"]
+        + (4 + 6) + (2 + 3) + 10)  # and the other phases' (warm-up + timed), priority unset
+    assert after["bulk"] - before["bulk"] >= 2 * 2  # every window held bulk requests
+
+
+def test_bench_priority_phase_alone_starts_one_server_per_flag_set(tmp_path):
+    out = tmp_path / "bench.json"
+    flag_sets = ["--max-batch-size 4", "--max-batch-size  2 --mixed-bulk-batch-size 2"]
+    assert bench.main(["--model", "demo-tiny", "--precision", "float32", "--size", "32x48",
+                       "--skip", "load,single,memory,baseline,raw", *SMALL_PRIORITY,
+                       *(f"--priority-servers={flags}" for flags in flag_sets),
+                       "--encoding", "png", "--out", str(out), "--plot", "",
+                       "--log-dir", str(tmp_path / "logs")]) == 0
+    results = json.loads(out.read_text())
+    assert results["precision"] == "float32" and results["model_info"]["batching"][
+        "max_batch_size"] == 4  # the first priority server answered GetModelInfo
+    servers = results["priority"]["servers"]
+    assert list(servers) == ["--max-batch-size 4", "--max-batch-size 2 --mixed-bulk-batch-size 2"]
+    for part in servers.values():
+        check_priority_server(part, rounds=2)
+    assert results["priority"]["shape"]["bulk_images"] == 4
+    logs = sorted((tmp_path / "logs").iterdir())
+    assert [log.name for log in logs] == ["priority-1.log", "priority-2.log"]  # no other server
+    assert "SERVING: max_batch_size 2" in logs[1].read_text()
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -74,6 +145,12 @@ def test_bench_drives_a_running_server(tiny_server_process, tmp_path):
     (["--skip", "raw,everything"], "unknown phase(s) everything"),
     (["--callers", "0"], "--callers must be at least 1"),
     (["--rss-requests", "0"], "--rss-requests must be at least 1 (use --skip"),
+    (["--priority-servers=--max-batch-size 4", "--priority-servers=--max-batch-size  4"],
+     "--priority-servers: each flag set once"),
+    (["--target", "127.0.0.1:1", "--priority-servers=--max-batch-size 4"],
+     "with --target the priority"),
+    (["--interactive-interval", "-1"], "--interactive-interval at least 0"),
+    (["--bulk-images", "0"], "--bulk-images must be at least 1"),
 ])
 def test_bench_refuses_bad_options(argv, message, capsys):
     with pytest.raises(SystemExit):

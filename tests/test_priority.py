@@ -14,6 +14,7 @@ from conftest import free_port
 from netvlad_client._proto import netvlad_pb2 as pb
 from netvlad_client._proto import netvlad_pb2_grpc as pb_grpc
 from netvlad_server.config import ConfigError, config_from_values
+from netvlad_server.service import batching_policy
 from prometheus_client.parser import text_string_to_metric_families
 from server_thread import InstrumentedModel, ServerThread, tiny_config, wait_for
 
@@ -267,3 +268,15 @@ def test_priority_flags_and_variables():
         config_from_values({"default_priority": "urgent"}, {})
     with pytest.raises(ConfigError, match="exceeds --max-bulk-queue-size"):
         config_from_values({"max_bulk_queue_size": "8", "max_images_per_request": "16"}, {})
+
+
+def test_mixed_bulk_batch_size_defaults_to_a_quarter_of_the_batch_and_is_checked():
+    assert config_from_values({}, {}).bulk_batch_size_mixed == 2  # a quarter of the default 8
+    assert config_from_values({"max_batch_size": "5"}, {}).bulk_batch_size_mixed == 2
+    assert config_from_values({"max_batch_size": "1"}, {}).bulk_batch_size_mixed == 1
+    config = config_from_values({}, {"NETVLAD_MIXED_BULK_BATCH_SIZE": "8"})
+    assert config.bulk_batch_size_mixed == 8  # bulk batches never shrink
+    assert batching_policy(config).mixed_batch_size == 8
+    with pytest.raises(ConfigError, match=r"--mixed-bulk-batch-size \(9\) exceeds "
+                                          r"--max-batch-size \(8\)"):
+        config_from_values({"mixed_bulk_batch_size": "9"}, {})

@@ -28,9 +28,22 @@ and a batch that started always finishes. When the worker is free, the next batc
    until the first key becomes ready.
 
 Passing over a class that has a ready batch counts as one skip for it; running one of its
-batches, or having nothing queued, resets its count. Cancelled items leave the queue at once;
-items whose deadline passed are dropped before `run` sees them. `close()` stops admissions and
-finishes admitted work.
+batches, or having nothing queued, resets its count.
+
+What bounds a higher class's wait is the batch already running when its work arrives, most
+often a lower class's batch. So with `mixed_batch_size` set, a lower class's batches hold at
+most that many items while a higher class is active (work submitted to it within the last
+`mixed_window` seconds), and `max_batch_size` items otherwise: a lower class alone keeps the
+larger batches, and when the higher class's work comes again it finds at most a
+`mixed_batch_size` batch in its way.
+
+A caller that sends its next request as soon as it has an answer would still find a lower
+class's batch started in the instant between the two. So, with `linger` set, once a batch of a
+higher class finishes the scheduler waits up to `linger` seconds for more of that class's work
+before it starts a lower class's batch (the starvation guard is not delayed).
+
+Cancelled items leave the queue at once; items whose deadline passed are dropped before `run`
+sees them. `close()` stops admissions and finishes admitted work.
 """
 
 from __future__ import annotations
@@ -78,8 +91,10 @@ class BatchingPolicy:
     """The batcher's knobs (Triton names); max_queue_delay is in seconds.
 
     `classes` lists the priority classes, highest first; empty means one class named "default"
-    with `max_queue_size` as its budget. `max_skips` is the starvation guard's bound (see the
-    module docstring).
+    with `max_queue_size` as its budget. `max_skips` is the starvation guard's bound;
+    `mixed_batch_size` (0: off) limits lower classes' batches while a higher class had work
+    within `mixed_window` seconds; `linger` (seconds, 0: off) holds lower classes back that long
+    after a higher class's batch (see the module docstring).
     """
 
     max_batch_size: int = 8
@@ -87,12 +102,18 @@ class BatchingPolicy:
     max_queue_size: int = 64
     classes: tuple[PriorityClass, ...] = ()
     max_skips: int = 4
+    mixed_batch_size: int = 0
+    mixed_window: float = 10.0
+    linger: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay < 0:
             raise ValueError(f"invalid batching policy {self}")
         if self.max_skips < 0:
             raise ValueError(f"invalid batching policy {self}: max_skips must be at least 0")
+        if self.mixed_batch_size < 0 or self.mixed_window < 0 or self.linger < 0:
+            raise ValueError(f"invalid batching policy {self}: mixed_batch_size, mixed_window "
+                             "and linger must be at least 0")
         names = [cls.name for cls in self.classes]
         if len(set(names)) != len(names) or any(cls.max_queue_size < 1 for cls in self.classes):
             raise ValueError(f"invalid batching policy {self}: priority classes need distinct "
@@ -117,16 +138,19 @@ class BatchObserver(Protocol):
 
 
 class _Class(Generic[ItemT, ResultT]):
-    """The queues of one priority class: per-key deques, its depth and its skip count."""
+    """The queues of one priority class: per-key deques, its depth, skip count, last submit."""
 
-    __slots__ = ("depth", "limit", "name", "queues", "skips")
+    __slots__ = ("depth", "last_done", "last_submit", "limit", "name", "queues", "rank", "skips")
 
-    def __init__(self, name: str, limit: int) -> None:
+    def __init__(self, name: str, limit: int, rank: int) -> None:
         self.name = name
         self.limit = limit
+        self.rank = rank  # 0 for the highest class
         self.queues: dict[Hashable, collections.deque[_Entry[ItemT, ResultT]]] = {}
         self.depth = 0
         self.skips = 0
+        self.last_submit = float("-inf")
+        self.last_done = float("-inf")  # when its last batch finished
 
 
 class _Entry(Generic[ItemT, ResultT]):
@@ -162,11 +186,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._observer = observer
         self._thread_name = thread_name
         self._classes: list[_Class[ItemT, ResultT]] = [
-            _Class(cls.name, cls.max_queue_size) for cls in policy.priority_classes]
+            _Class(cls.name, cls.max_queue_size, rank)
+            for rank, cls in enumerate(policy.priority_classes)]
         self._by_name = {cls.name: cls for cls in self._classes}
         self._depth = 0
         self._closing = False
         self._wake: asyncio.Future[None] | None = None
+        self._lingering = False  # asleep for a higher class's next work (see `linger`)
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -231,6 +257,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         deadline = None if timeout is None else now + timeout
         futures = []
         wake = self._depth == 0
+        cls.last_submit = now
+        batch_size = self._batch_size(cls, now)
         for key, item in items:
             future: asyncio.Future[ResultT] = self._loop.create_future()
             entry = _Entry(cls, key, item, future, now, deadline)
@@ -239,7 +267,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if queue is None:
                 queue = cls.queues[key] = collections.deque()
             queue.append(entry)
-            wake = wake or len(queue) == self.policy.max_batch_size
+            wake = wake or self._lingering or len(queue) == batch_size
             futures.append(future)
         self._add_depth(cls, len(items))
         if wake:
@@ -294,15 +322,25 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if timer is not None:
                 timer.cancel()
 
+    def _batch_size(self, cls: _Class[ItemT, ResultT], now: float) -> int:
+        """Most items in a batch of `cls` now: mixed_batch_size while a higher class is active."""
+        policy = self.policy
+        if policy.mixed_batch_size and any(
+                higher.last_submit >= now - policy.mixed_window
+                for higher in self._classes[:cls.rank]):
+            return min(policy.mixed_batch_size, policy.max_batch_size)
+        return policy.max_batch_size
+
     def _ready_key(self, cls: _Class[ItemT, ResultT], now: float) -> tuple[Hashable | None,
                                                                           float | None]:
         """The class's ready key holding the oldest item (or None), and when the next is ready."""
         best_key, best_time = None, None
         soonest = None
+        batch_size = self._batch_size(cls, now)
         for key, queue in cls.queues.items():
             oldest = queue[0].enqueued
             ready_at = oldest + self.policy.max_queue_delay
-            if self._closing or len(queue) >= self.policy.max_batch_size or ready_at <= now:
+            if self._closing or len(queue) >= batch_size or ready_at <= now:
                 if best_time is None or oldest < best_time:
                     best_key, best_time = key, oldest
             elif soonest is None or ready_at < soonest:
@@ -333,6 +371,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     return None, None, None if soonest is None else soonest - now
                 queues = self._classes[chosen].queues
                 ready[chosen] = min(queues, key=lambda k: queues[k][0].enqueued)
+            lingered = max((cls.last_done for cls in self._classes[:chosen]),
+                           default=float("-inf")) + self.policy.linger
+            if lingered > now and not self._closing:
+                self._lingering = True
+                return None, None, lingered - now
         for i, cls in enumerate(self._classes):
             if i == chosen:
                 cls.skips = 0
@@ -342,11 +385,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     def _take(self, cls: _Class[ItemT, ResultT], key: Hashable,
               now: float) -> list[_Entry[ItemT, ResultT]]:
-        """Pop up to max_batch_size live entries of `key` in `cls`; fail the expired ones."""
+        """Pop up to a batch's worth of live entries of `key` in `cls`; fail the expired ones."""
         queue = cls.queues[key]
         batch: list[_Entry[ItemT, ResultT]] = []
         taken = 0
-        while queue and len(batch) < self.policy.max_batch_size:
+        batch_size = self._batch_size(cls, now)
+        while queue and len(batch) < batch_size:
             entry = queue.popleft()
             entry.queued = False
             taken += 1
@@ -367,6 +411,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         """Wait for a batch to choose, run it, repeat; return once closed and empty."""
         while True:
             now = time.monotonic()
+            self._lingering = False  # set again by _next_batch while it still lingers
             cls, key, wait = self._next_batch(now)
             if cls is None:
                 if self._closing and not self._depth:
@@ -376,6 +421,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             batch = self._take(cls, key, now)
             if batch:
                 await self._execute(cls.name, batch)
+                cls.last_done = time.monotonic()
 
     async def _execute(self, class_name: str, batch: list[_Entry[ItemT, ResultT]]) -> None:
         """Run one batch on the worker thread and hand each caller its result (or the error)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from netvlad_client import __version__
 from netvlad_client.options import (
     Option,
     OptionError,
@@ -28,7 +29,7 @@ from netvlad_client.options import (
 )
 
 OFFICIAL_MODEL_NAME = "vd16_pitts30k_conv5_3_vlad_preL2_intra_white"
-PRECISIONS = ("float32", "bfloat16", "float16", "auto")
+PRECISIONS = ("float32", "bfloat16", "float16", "int8", "auto")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PRIORITIES = ("interactive", "bulk")  # the priority classes, highest first
 NETWORK_MIN_SIDE = 16  # four 2x2 poolings must leave at least one pixel
@@ -110,6 +111,10 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     _flag("max-bulk-queue-size", int_range(0), 0,
           "most bulk-priority images waiting for the model (0: the same as --max-queue-size); "
           "a full bulk queue never refuses interactive requests"),
+    _flag("mixed-bulk-batch-size", int_range(0, 4096), 0,
+          "most images in a bulk batch while interactive requests are arriving (one in the last "
+          "10 s), so an interactive request finds at most that in its way (0: a quarter of "
+          "--max-batch-size, rounded up; --max-batch-size: bulk batches never shrink)"),
     _flag("default-priority", choice(PRIORITIES, str.lower), "interactive",
           "priority class of requests that leave it unspecified", choices=PRIORITIES),
     _flag("max-images-per-request", int_range(1), 64, "most images in one request"),
@@ -125,7 +130,12 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     _flag("precision", choice(PRECISIONS, str.lower), "auto",
           "precision of the convolutions (NetVLAD and whitening stay float32); auto: bfloat16 on "
           "CPUs with avx512_bf16/AMX and GPUs from compute capability 8.0, float16 on 7.x GPUs, "
-          "else float32", choices=PRECISIONS),
+          "else float32 (never int8); int8: calibrated, run by LiteRT on the CPU, refused unless "
+          "retrieval matches float32's (docs/INT8.md)", choices=PRECISIONS),
+    _flag("calibration", str, "builtin",
+          "with --precision int8: a folder of images like those the server will describe, to "
+          "calibrate the int8 activation ranges (builtin: generated scenes); cached next to the "
+          "weights"),
     _flag("xla", parse_bool, False, "compile the forward pass with XLA"),
     _flag("intra-op-threads", int_range(0, 1024), 0,
           "threads one TensorFlow operation may use (0: one per core)"),
@@ -141,6 +151,24 @@ SERVER_OPTIONS: tuple[Option, ...] = (
           "most frames of one stream being described at once (more are read as answers leave)"),
     _flag("shutdown-grace-s", non_negative_float, 30.0,
           "on SIGTERM, how long admitted requests may take to finish"),
+    _flag("index-dir", str, "indexes", "directory of the place indexes (write-ahead log and "
+          "snapshots, relative to the working directory); off: in memory only, lost at exit"),
+    _flag("max-indexes", int_range(1), 64, "most place indexes at once"),
+    _flag("max-places-per-request", int_range(1), 256,
+          "most places in one AddPlaces request (places given as images also obey "
+          "--max-images-per-request)"),
+    _flag("max-place-metadata-bytes", int_range(0), 4096,
+          "largest metadata of one place (keys plus values, UTF-8)"),
+    _flag("max-index-bytes", int_range(1), 4 * 1024 * MIB,
+          "most memory all place indexes together may take; adds beyond it get "
+          "RESOURCE_EXHAUSTED", shown_default="4 GiB"),
+    _flag("index-compact-bytes", int_range(1), 64 * MIB,
+          "write-ahead log size of an index that triggers a new snapshot (and at least the "
+          "last snapshot's size)", shown_default="64 MiB"),
+    _flag("index-server", path_or_none, None, "keep no place indexes here: they live on that "
+          "server (HOST:PORT), and every place-index call here is refused with "
+          "FAILED_PRECONDITION naming it (describing replicas of a deployment with one index "
+          "server, docs/PLACES.md)"),
     _flag("log-level", choice(LOG_LEVELS, str.upper), "INFO", "logging level", choices=LOG_LEVELS),
     _flag("tls-cert", path_or_none, None, "PEM certificate chain: with --tls-key, the gRPC port "
           "speaks TLS only"),
@@ -172,6 +200,7 @@ class ServerConfig:
     max_queue_delay_ms: float = _DEFAULT["max_queue_delay_ms"]
     max_queue_size: int = _DEFAULT["max_queue_size"]  # per priority class
     max_bulk_queue_size: int = _DEFAULT["max_bulk_queue_size"]  # 0: the same as max_queue_size
+    mixed_bulk_batch_size: int = _DEFAULT["mixed_bulk_batch_size"]  # 0: max_batch_size / 4
     default_priority: str = _DEFAULT["default_priority"]
     max_images_per_request: int = _DEFAULT["max_images_per_request"]
     max_message_bytes: int = _DEFAULT["max_message_bytes"]
@@ -180,6 +209,7 @@ class ServerConfig:
     resize: Resize = _DEFAULT["resize"]
     decode_threads: int = _DEFAULT["decode_threads"]
     precision: str = _DEFAULT["precision"]
+    calibration: str = _DEFAULT["calibration"]  # "builtin" or a folder of images (int8)
     xla: bool = _DEFAULT["xla"]
     intra_op_threads: int = _DEFAULT["intra_op_threads"]  # 0: TensorFlow's choice, one per core
     inter_op_threads: int = _DEFAULT["inter_op_threads"]
@@ -187,6 +217,13 @@ class ServerConfig:
     warmup_sizes: tuple[tuple[int, int], ...] = _DEFAULT["warmup_sizes"]
     max_stream_inflight: int = _DEFAULT["max_stream_inflight"]
     shutdown_grace_s: float = _DEFAULT["shutdown_grace_s"]
+    index_dir: str = _DEFAULT["index_dir"]  # "off": place indexes in memory only
+    max_indexes: int = _DEFAULT["max_indexes"]
+    max_places_per_request: int = _DEFAULT["max_places_per_request"]
+    max_place_metadata_bytes: int = _DEFAULT["max_place_metadata_bytes"]
+    max_index_bytes: int = _DEFAULT["max_index_bytes"]
+    index_compact_bytes: int = _DEFAULT["index_compact_bytes"]
+    index_server: str | None = _DEFAULT["index_server"]  # place indexes live there, not here
     log_level: str = _DEFAULT["log_level"]
     tls_cert: str | None = _DEFAULT["tls_cert"]  # PEM paths; see security.py
     tls_key: str | None = _DEFAULT["tls_key"]
@@ -203,6 +240,17 @@ class ServerConfig:
     def bulk_queue_size(self) -> int:
         """The bulk class's queue budget in force."""
         return self.max_bulk_queue_size or self.max_queue_size
+
+    @property
+    def bulk_batch_size_mixed(self) -> int:
+        """Most images per bulk batch while interactive requests are arriving."""
+        return self.mixed_bulk_batch_size or (self.max_batch_size + 3) // 4
+
+    @property
+    def index_path(self) -> Path | None:
+        """Where the place indexes live; None keeps them in memory only (--index-dir off)."""
+        text = self.index_dir.strip()
+        return None if text.lower() in ("", "off") else Path(text)
 
     @property
     def address(self) -> str:
@@ -244,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve NetVLAD place-recognition descriptors over gRPC with dynamic batching.",
         epilog="Every flag --some-name falls back to the environment variable NETVLAD_SOME_NAME.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_options(parser, SERVER_OPTIONS)
     return parser
 
@@ -285,6 +334,11 @@ def _validate(config: ServerConfig) -> None:
             f"--max-images-per-request ({config.max_images_per_request}) exceeds "
             f"--max-bulk-queue-size ({config.max_bulk_queue_size}): such a bulk request could "
             "never be admitted; lower the first or raise the second")
+    if config.mixed_bulk_batch_size > config.max_batch_size:
+        raise ConfigError(
+            f"--mixed-bulk-batch-size ({config.mixed_bulk_batch_size}) exceeds --max-batch-size "
+            f"({config.max_batch_size}): no batch is larger than --max-batch-size; set it to "
+            f"{config.max_batch_size} (bulk batches never shrink) or lower")
     if config.min_image_side**2 > config.max_image_pixels:
         raise ConfigError(
             f"--min-image-side ({config.min_image_side}) squared exceeds --max-image-pixels "
@@ -298,6 +352,13 @@ def _validate(config: ServerConfig) -> None:
                           "chain and its private key) or neither")
     if config.tls_client_ca and not config.tls_cert:
         raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
+    if config.calibration != "builtin" and config.precision != "int8":
+        raise ConfigError(f"--calibration {config.calibration}: calibration is for --precision "
+                          f"int8 only (precision is {config.precision}); drop it or add "
+                          "--precision int8")
+    if config.xla and config.precision == "int8":
+        raise ConfigError("--xla does not apply to --precision int8 (LiteRT runs the int8 "
+                          "convolutions): drop one of them")
     for height, width in config.warmup_sizes:
         if min(height, width) < config.min_image_side:
             raise ConfigError(

@@ -13,12 +13,20 @@ over both classes): netvlad_class_requests_total{class,method,code} and
 netvlad_class_request_duration_seconds{class,method} (DescribeImages calls and stream frames),
 netvlad_class_queue_depth{class}, netvlad_class_queue_limit{class} (the class's queue budget, so
 depth / limit is how full it is) and netvlad_class_queue_wait_seconds{class}.
+
+The place index (docs/PLACES.md): netvlad_place_index_places{index} and
+netvlad_place_index_bytes{index}, netvlad_place_query_seconds (the search alone) and
+netvlad_place_add_seconds (an add until durable, describing included),
+netvlad_place_requests_total{method,code} and netvlad_place_refused_total{reason} (limits:
+places_per_request, index_bytes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -36,6 +44,13 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    30.0, 60.0)
 QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                       5.0, 10.0)
+
+
+class PlaceIndexSize(Protocol):
+    """What the metrics read of a place index."""
+
+    size: int
+    nbytes: int
 
 
 def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -98,6 +113,41 @@ class ServerMetrics:
                                           "waited in the queue before its batch ran, by priority "
                                           "class", ["class"], buckets=QUEUE_WAIT_BUCKETS,
                                           registry=reg)
+
+        self.place_index_places = Gauge("netvlad_place_index_places", "Places held, by place "
+                                        "index", ["index"], registry=reg)
+        self.place_index_bytes = Gauge("netvlad_place_index_bytes", "Memory a place index takes",
+                                       ["index"], registry=reg)
+        self.place_query_seconds = Histogram("netvlad_place_query_seconds", "Duration of one "
+                                             "place-index search", buckets=QUEUE_WAIT_BUCKETS,
+                                             registry=reg)
+        self.place_add_seconds = Histogram("netvlad_place_add_seconds", "Duration of a place "
+                                           "add until durable (describing images included)",
+                                           buckets=LATENCY_BUCKETS, registry=reg)
+        self.place_requests = Counter("netvlad_place_requests", "PlaceIndexService calls (stream "
+                                      "messages for the stream) by method and gRPC status code",
+                                      ["method", "code"], registry=reg)
+        self.place_refusals = Counter("netvlad_place_refused", "Place-index changes refused by "
+                                      "a limit, by reason", ["reason"], registry=reg)
+
+    def place_index_changed(self, name: str, index: PlaceIndexSize | None) -> None:
+        """Publish an index's size and memory (None: it was dropped)."""
+        if index is None:
+            for gauge in (self.place_index_places, self.place_index_bytes):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(name)
+            return
+        self.place_index_places.labels(name).set(index.size)
+        self.place_index_bytes.labels(name).set(index.nbytes)
+
+    def place_request_done(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """Count one finished place-index call (or stream message)."""
+        self.place_requests.labels(method, code.name).inc()
+        self.request_duration.labels(method).observe(seconds)
+
+    def place_refused(self, reason: str) -> None:
+        """Count one place-index change refused by a limit."""
+        self.place_refusals.labels(reason).inc()
 
     def request_done(self, method: str, code: grpc.StatusCode, seconds: float,
                      priority_class: str | None = None) -> None:

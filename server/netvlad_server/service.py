@@ -51,13 +51,19 @@ CLASS_PRIORITIES = {name: value for value, name in PRIORITY_CLASSES.items()}
 assert tuple(PRIORITY_CLASSES.values()) == PRIORITIES  # the wire enum and the flag's choices
 
 
+# After an interactive batch, how long bulk waits for the same caller's next request: its answer
+# going out, the next request coming in and being decoded take a few ms (docs/PRIORITY.md).
+INTERACTIVE_LINGER_SECONDS = 0.01
+
+
 def batching_policy(config: ServerConfig) -> BatchingPolicy:
     """The batcher's policy: the configured limits, interactive ahead of bulk."""
     return BatchingPolicy(
         max_batch_size=config.max_batch_size, max_queue_delay=config.max_queue_delay_ms / 1000.0,
         max_queue_size=config.max_queue_size,
         classes=(PriorityClass("interactive", config.max_queue_size),
-                 PriorityClass("bulk", config.bulk_queue_size)))
+                 PriorityClass("bulk", config.bulk_queue_size)),
+        mixed_batch_size=config.bulk_batch_size_mixed, linger=INTERACTIVE_LINGER_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class ModelDescription:
     xla: bool
     device: str
     tensorflow_version: str
+    weights_sha256: str = ""  # weights_fingerprint of the tensors; place indexes record it
 
 
 @dataclass(frozen=True)
@@ -352,6 +359,13 @@ class DescriptorService(pb_grpc.DescriptorServiceServicer):
         finally:
             self._metrics.request_done("StreamDescribeImages", code, time.perf_counter() - start,
                                        self._class_label(message.request))
+
+    async def describe_rows(self, request: pb.DescribeImagesRequest,
+                            timeout: float | None) -> np.ndarray:
+        """(N, dims) float32 rows of a request's images through DescribeImages' checks, queue
+        and batcher (the place index describes its images here); raises RequestError."""
+        response = pb.DescribeImagesResponse.FromString(await self._guarded(request, timeout))
+        return np.array([d.values for d in response.descriptors], dtype=np.float32)
 
     async def _guarded(self, request: pb.DescribeImagesRequest, timeout: float | None) -> bytes:
         """_describe with unexpected failures logged and turned into INTERNAL."""

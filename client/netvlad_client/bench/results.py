@@ -39,6 +39,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         memory = results["memory"]
         out["rss_growth_mib"] = {"value": memory["rss_end_mib"] - memory["rss_start_mib"],
                                  "requests": memory["requests"]}
+    for label, part in results.get("priority", {}).get("servers", {}).items():
+        for name, target in part["targets"].items():
+            out[f"priority [{label}] {name}"] = target
     if results.get("overhead"):
         out["cpu_ms_per_request_outside_model"] = {
             "value": 1000 * results["overhead"]["total_cpu_seconds_per_request"]}
@@ -132,6 +135,14 @@ def report(results: dict[str, Any]) -> str:
                      f"{o['event_loop_cpu_seconds_per_request']:.2f}, gRPC I/O "
                      f"{o['grpc_io_cpu_seconds_per_request']:.2f}, decoding "
                      f"{o['decode_cpu_seconds_per_image']:.2f})")
+    for label, part in results.get("priority", {}).get("servers", {}).items():
+        idle, mixed = part["idle"]["latency"], part["mixed"]["latency"]
+        lines.append(
+            f"priority  [{label}]: interactive idle p50 {idle['p50_ms']:.1f} ms "
+            f"({part['idle']['requests']} requests); under bulk p50 {mixed['p50_ms']:.1f} "
+            f"p99 {mixed['p99_ms']:.1f} ms ({part['mixed']['requests']}); bulk "
+            f"{part['bulk_alone_images_per_second']:.2f} images/s alone, "
+            f"{part['bulk_mixed_images_per_second']:.2f} mixed")
     if results.get("raw"):
         r = results["raw"]
         for size, row in r["by_batch"].items():

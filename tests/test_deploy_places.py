@@ -15,11 +15,11 @@ import grpc
 import numpy as np
 import pytest
 from client_support import TINY_FLAGS, random_image, write_png
+from deploy_support import assert_server_settings, compose_config, k8s_documents
 from netvlad_client import NetVLADClient, NetVLADRPCError
 from netvlad_client.bench.harness import ServerProcess
 from netvlad_client.cli import main
 from netvlad_client.places import Place
-from test_deploy import assert_server_settings, compose_config, k8s_documents
 
 INDEX_DIR = "/var/lib/netvlad/indexes"
 

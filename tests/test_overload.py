@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
+import server_thread
 from client_support import ServerProcess
 from hostile import raw_image
 from netvlad_client._proto import netvlad_pb2 as pb
@@ -53,37 +54,12 @@ def outcome(future: grpc.Future) -> grpc.StatusCode:
     return future.code() if future.exception() is not None else grpc.StatusCode.OK
 
 
-class HeldServer:
-    """A server whose model thread the test can hold at a gate, with a channel to it."""
-
-    def __init__(self, tiny_model, **overrides) -> None:
-        self.model = InstrumentedModel(tiny_model)
-        self.running = ServerThread(tiny_config(free_port(), **overrides), self.model.loader)
-
-    def __enter__(self) -> HeldServer:
-        self.running.__enter__()
-        self.model.batches.clear()  # forget the warm-up
-        self.model.entered.clear()
-        self.channel = grpc.insecure_channel(self.running.target)
-        self.stub = pb_grpc.DescriptorServiceStub(self.channel)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.model.gate.set()
-        self.channel.close()
-        self.running.__exit__(*exc_info)
-
-    @property
-    def depth(self) -> int:
-        return self.running.server.queue_depth
+class HeldServer(server_thread.HeldServer):
+    """The held server, with the overload tests' parked request and status counts."""
 
     def occupy(self) -> grpc.Future:
         """Close the gate and park one 16x17 image inside the model."""
-        self.model.entered.clear()
-        self.model.gate.clear()
-        busy = self.stub.DescribeImages.future(request_of(pictures(1, 16, 17)), timeout=TIMEOUT)
-        assert self.model.entered.wait(TIMEOUT)
-        return busy
+        return self.park(request_of(pictures(1, 16, 17)), TIMEOUT)
 
     def codes(self, method: str = "DescribeImages") -> dict[str, float]:
         """netvlad_requests_total by code for one method."""

@@ -10,13 +10,11 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from conftest import free_port
 from netvlad_client._proto import netvlad_pb2 as pb
-from netvlad_client._proto import netvlad_pb2_grpc as pb_grpc
 from netvlad_server.config import ConfigError, config_from_values
 from netvlad_server.service import batching_policy
 from prometheus_client.parser import text_string_to_metric_families
-from server_thread import InstrumentedModel, ServerThread, tiny_config, wait_for
+from server_thread import HeldServer, wait_for
 
 TIMEOUT = 60.0
 RNG = np.random.default_rng(13)
@@ -37,24 +35,8 @@ def rows(response: pb.DescribeImagesResponse) -> np.ndarray:
     return np.array([d.values for d in response.descriptors], dtype=np.float32)
 
 
-class Held:
-    """A real server whose model thread the test can hold at a gate, and a stub to it."""
-
-    def __init__(self, tiny_model, **overrides) -> None:
-        self.model = InstrumentedModel(tiny_model)
-        self.running = ServerThread(tiny_config(free_port(), **overrides), self.model.loader)
-
-    def __enter__(self) -> Held:
-        self.running.__enter__()
-        self.model.batches.clear()  # forget the warm-up
-        self.channel = grpc.insecure_channel(self.running.target)
-        self.stub = pb_grpc.DescriptorServiceStub(self.channel)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.model.gate.set()
-        self.channel.close()
-        self.running.__exit__(*exc_info)
+class Held(HeldServer):
+    """The held server, sending raw requests of a chosen class."""
 
     def send(self, images: list[np.ndarray], priority: int = UNSPECIFIED,
              timeout: float = TIMEOUT) -> grpc.Future:
@@ -62,11 +44,7 @@ class Held:
 
     def occupy(self, priority: int = BULK) -> grpc.Future:
         """Close the gate and park one 16x17 image inside the model."""
-        self.model.entered.clear()
-        self.model.gate.clear()
-        busy = self.send(pictures(1, 16, 17), priority)
-        assert self.model.entered.wait(TIMEOUT)
-        return busy
+        return self.park(request(pictures(1, 16, 17), priority), TIMEOUT)
 
     def wait_depth(self, depth: int) -> None:
         wait_for(lambda: self.running.server.queue_depth == depth, what=f"{depth} queued images")

@@ -5,14 +5,19 @@ Usage: python scripts/bench_memory.py [--baseline-commit REV] [--output docs/ben
 Three parts, each in fresh processes so resident sizes are the process's own:
 1. Stages: a worker process loads the weights, builds the network, runs the precision check,
    drops the loaded arrays, warms up and runs batches of 8 at 480x640, reading its resident size
-   (RSS) after each stage; once with this tree's network, once with network.py from
-   --baseline-commit and TensorFlow's default allocator (the code before the fixes).
+   (RSS) after each stage; once with this tree's network and memory settings as the server
+   runs them (system allocator, MemoryKeeper), once with network.py from --baseline-commit and
+   TensorFlow's default allocator (the code before the memory work).
 2. Same speed, same descriptors: both workers stay alive and take turns on the same synthetic
    images (old, new, new, old, ...), so the shared machine's load hits both alike; the
-   descriptors are compared bit for bit. Then --sizes distinct image sizes run twice through
-   the new worker to show where RSS stops growing.
-3. Start-up: `python -m netvlad_server --model demo` from process start to SERVING, its parts
-   from the server's log, and its RSS once SERVING and after requests of 8 images at 480x640.
+   descriptors are compared bit for bit. Wall time and CPU time per call are both recorded:
+   on a shared machine CPU time is the steadier measure of the work a call costs.
+3. Many sizes: --sizes distinct image sizes run twice through a fresh worker per setting in
+   --sweep-settings (environment variables such as ONEDNN_PRIMITIVE_CACHE_CAPACITY), to show
+   where RSS stops growing.
+4. Start-up: `python -m netvlad_server --model demo` from process start to SERVING, its parts
+   from the server's log, its RSS once SERVING, after requests of 8 images at 480x640, and
+   once the server has been idle long enough for the keeper to trim.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import itertools
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -51,6 +57,17 @@ def rss_mib() -> dict[str, float]:
     status = harness.proc_status()
     return {"rss_mib": round(status["VmRSS"] / MIB, 1),
             "anon_mib": round(status.get("RssAnon", 0) / MIB, 1)}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) this process has used: less load-dependent than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _faults() -> int:
+    """Minor page faults so far (fresh pages mapped in and zeroed by the kernel)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _reply(**fields: object) -> None:
@@ -90,7 +107,11 @@ def worker(model: str, network_source: str | None, new_environment: bool) -> Non
         os.environ.pop("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", None)
     t = stage("python and numpy", started)
     import tensorflow as tf
+    from netvlad_server.config import ServerConfig
 
+    defaults = ServerConfig.__dataclass_fields__  # the server's thread settings, not TF's own
+    runtime.configure_tensorflow(defaults["intra_op_threads"].default,
+                                 defaults["inter_op_threads"].default)
     tf.constant(1.0).numpy()
     t = stage("TensorFlow imported, first operation", t)
     from netvlad_server.weights import load_weights
@@ -113,6 +134,7 @@ def worker(model: str, network_source: str | None, new_environment: bool) -> Non
     if new_environment:
         runtime.release_free_memory()
         t = stage("free heap pages returned (after warm-up)", t)
+        network = runtime.MemoryKeeper(network)  # as load_model wraps it
     for round_ in (1, 2):
         network(np.zeros((8, 480, 640, 3), np.uint8))
         t = stage(f"batch of 8 at 480x640 (#{round_})", t)
@@ -124,11 +146,12 @@ def worker(model: str, network_source: str | None, new_environment: bool) -> Non
         if command["op"] == "run":
             images = np.stack([runtime.synthetic_scene(command["height"], command["width"], seed)
                                for seed in range(command["batch"])])
-            start = time.perf_counter()
+            cpu, faults, start = _cpu_seconds(), _faults(), time.perf_counter()
             desc = network(images)
             seconds = time.perf_counter() - start
-            _reply(seconds=seconds, descriptors=base64.b64encode(desc.tobytes()).decode(),
-                   **rss_mib())
+            _reply(seconds=seconds, cpu_seconds=_cpu_seconds() - cpu,
+                   page_faults=_faults() - faults,
+                   descriptors=base64.b64encode(desc.tobytes()).decode(), **rss_mib())
         elif command["op"] == "sweep":
             trace = []
             for i, (height, width) in enumerate(command["sizes"], 1):
@@ -145,13 +168,14 @@ class Worker:
     """A worker process of this script, spoken to in JSON lines."""
 
     def __init__(self, name: str, model: str, network_source: str | None,
-                 new_environment: bool) -> None:
+                 new_environment: bool, settings: dict[str, str] | None = None) -> None:
         command = [sys.executable, __file__, "--worker", "--model", model]
         if network_source:
             command += ["--network-source", network_source]
         if new_environment:
             command.append("--new-environment")
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
+               **(settings or {})}
         self.name = name
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True, env=env)
@@ -198,6 +222,8 @@ def compare_speed(old: Worker, new: Worker, repeats: int) -> list[dict[str, obje
     rows = []
     for height, width, batch in TIMED:
         times: dict[str, list[float]] = {"old": [], "new": []}
+        cpu: dict[str, list[float]] = {"old": [], "new": []}
+        faults: dict[str, list[int]] = {"old": [], "new": []}
         outputs: dict[str, np.ndarray] = {}
         for rep in range(repeats + 1):  # the first round only warms this shape up
             pair = (("old", old), ("new", new)) if rep % 2 else (("new", new), ("old", old))
@@ -207,10 +233,16 @@ def compare_speed(old: Worker, new: Worker, repeats: int) -> list[dict[str, obje
                                                np.float32)
                 if rep:
                     times[label].append(answer["seconds"])
+                    cpu[label].append(answer["cpu_seconds"])
+                    faults[label].append(answer["page_faults"])
         old_s, new_s = (float(np.median(times[k])) for k in ("old", "new"))
+        old_cpu, new_cpu = (float(np.median(cpu[k])) for k in ("old", "new"))
         rows.append({"size": f"{height}x{width}", "batch": batch,
                      "old_median_s": round(old_s, 3), "new_median_s": round(new_s, 3),
                      "new_over_old": round(new_s / old_s, 3),
+                     "old_median_cpu_s": round(old_cpu, 3), "new_median_cpu_s": round(new_cpu, 3),
+                     "new_over_old_cpu": round(new_cpu / old_cpu, 3),
+                     "median_page_faults": {k: int(np.median(v)) for k, v in faults.items()},
                      "descriptors_bit_identical": bool(np.array_equal(outputs["old"],
                                                                       outputs["new"])),
                      "max_abs_difference": float(np.max(np.abs(outputs["old"] - outputs["new"])))})
@@ -238,8 +270,10 @@ def _first(lines: list[tuple[float, str]], prefix: str) -> float:
 
 
 def startup(model: str, requests: int, workdir: Path, run: int) -> dict[str, object]:
-    """Start a real server, time it to SERVING, then RSS after requests of 8 at 480x640."""
+    """Start a real server, time it to SERVING, then RSS after requests of 8 at 480x640 and
+    once it has been idle for longer than the keeper waits."""
     from netvlad_client import NetVLADClient
+    from netvlad_server.runtime import IDLE_TRIM_SECONDS
 
     log = workdir / f"server-{run}.log"
     began = time.time()
@@ -258,6 +292,8 @@ def startup(model: str, requests: int, workdir: Path, run: int) -> dict[str, obj
                 peak = max(peak, server.rss_bytes() / MIB)
         time.sleep(2.0)
         rss_after = server.rss_bytes() / MIB
+        time.sleep(IDLE_TRIM_SECONDS)
+        rss_idle = server.rss_bytes() / MIB
     finally:
         server.stop()
     lines = _log_times(log)
@@ -275,17 +311,72 @@ def startup(model: str, requests: int, workdir: Path, run: int) -> dict[str, obj
     return {"run": run, "seconds_to_serving": round(serving - began, 2), "parts_s": parts,
             "rss_mib_serving": round(rss_serving, 1),
             "rss_mib_peak_during_requests": round(peak, 1),
-            f"rss_mib_after_{requests}_requests_of_8_at_480x640": round(rss_after, 1)}
+            f"rss_mib_2s_after_{requests}_requests_of_8_at_480x640": round(rss_after, 1),
+            f"rss_mib_idle_{IDLE_TRIM_SECONDS + 2:g}s_after_them": round(rss_idle, 1)}
+
+
+def stages_and_speed(args: argparse.Namespace, workdir: Path,
+                     result: dict[str, object]) -> None:
+    """Parts 1 and 2: loading stages of both workers, alternated timing, the idle trim's cost."""
+    old = None
+    if args.baseline_commit:
+        source = workdir / "baseline_network.py"
+        source.write_bytes(subprocess.run(
+            ["git", "-C", str(ROOT), "show",
+             f"{args.baseline_commit}:server/netvlad_server/network.py"],
+            check=True, capture_output=True).stdout)
+        print(f"stages, baseline network of {args.baseline_commit} ...", flush=True)
+        old = Worker("baseline", args.model, str(source), new_environment=False)
+        result["baseline_commit"] = args.baseline_commit
+        result["stages_baseline"] = old.stages
+    print("stages, this tree ...", flush=True)
+    new = Worker("new", args.model, None, new_environment=True)
+    result["stages_new"] = new.stages
+    try:
+        if old is not None:
+            print("alternated timing ...", flush=True)
+            result["speed_and_descriptors"] = compare_speed(old, new, args.repeats)
+            old.close()
+    finally:
+        new.close()
+        if old is not None:
+            old.close()
+
+
+def sweep(model: str, sizes: int, settings: dict[str, str]) -> dict[str, object]:
+    """Part 3: two passes of `sizes` distinct sizes in a fresh server-like worker."""
+    new = Worker("sweep", model, None, new_environment=True, settings=settings)
+    try:
+        start = new.ask(op="trim")["rss_mib"]
+        passes = []
+        for seed in (1, 2):
+            began = time.perf_counter()
+            trace = new.ask(op="sweep", sizes=distinct_sizes(sizes, seed),
+                            every=max(1, sizes // 10))["trace"]
+            passes.append({"pass": seed, "seconds": round(time.perf_counter() - began, 1),
+                           "trace": trace})
+        after = new.ask(op="run", height=480, width=640, batch=8)
+        return {"rss_mib_before": start, "passes": passes,
+                "growth_mib_pass_1": round(passes[0]["trace"][-1]["rss_mib"] - start, 1),
+                "growth_mib_pass_2": round(passes[1]["trace"][-1]["rss_mib"]
+                                           - passes[0]["trace"][-1]["rss_mib"], 1),
+                "rss_mib_after_next_batch_of_8": after["rss_mib"]}
+    finally:
+        new.close()
 
 
 def main() -> int:
-    """Parse flags; run as a worker, or run the three parts and write the JSON."""
+    """Parse flags; run as a worker, or run the four parts and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", help="weights to load (default: demo)")
     parser.add_argument("--baseline-commit", default=None,
                         help="compare against network.py of this commit (e.g. 2f5a32c)")
     parser.add_argument("--repeats", type=int, default=5, help="alternated timing rounds")
     parser.add_argument("--sizes", type=int, default=200, help="distinct sizes per sweep pass")
+    parser.add_argument("--sweep-settings", default='{"server defaults": {}}',
+                        help="JSON: name -> environment variables, one many-sizes worker each")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated parts to skip: stages,sweep,startup")
     parser.add_argument("--startups", type=int, default=2, help="server start-ups to time")
     parser.add_argument("--requests", type=int, default=3,
                         help="requests of 8 images at 480x640 after each start-up")
@@ -297,48 +388,25 @@ def main() -> int:
     if args.worker:
         worker(args.model, args.network_source, args.new_environment)
         return 0
+    skip = set(filter(None, args.skip.split(",")))
     result: dict[str, object] = {"model": args.model, "cpu": os.cpu_count(),
                                  "load_average_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as temp:
         workdir = Path(temp)
-        old = None
-        if args.baseline_commit:
-            source = workdir / "baseline_network.py"
-            source.write_bytes(subprocess.run(
-                ["git", "-C", str(ROOT), "show",
-                 f"{args.baseline_commit}:server/netvlad_server/network.py"],
-                check=True, capture_output=True).stdout)
-            print(f"stages, baseline network of {args.baseline_commit} ...", flush=True)
-            old = Worker("baseline", args.model, str(source), new_environment=False)
-            result["baseline_commit"] = args.baseline_commit
-            result["stages_baseline"] = old.stages
-        print("stages, this tree ...", flush=True)
-        new = Worker("new", args.model, None, new_environment=True)
-        result["stages_new"] = new.stages
-        try:
-            if old is not None:
-                print("alternated timing ...", flush=True)
-                result["speed_and_descriptors"] = compare_speed(old, new, args.repeats)
-                old.close()
-            print(f"{args.sizes} distinct sizes, twice ...", flush=True)
-            sweep = []
-            for seed in (1, 2):
-                trace = new.ask(op="sweep", sizes=distinct_sizes(args.sizes, seed),
-                                every=max(1, args.sizes // 10))["trace"]
-                trimmed = new.ask(op="trim")  # how much of the growth is free heap, not caches
-                sweep.append({"pass": seed, "trace": trace, "after_malloc_trim": trimmed})
-            after = new.ask(op="run", height=480, width=640, batch=8)
-            result["distinct_sizes"] = {"sizes_per_pass": args.sizes, "passes": sweep,
-                                        "rss_mib_after_next_batch_of_8": after["rss_mib"]}
-        finally:
-            new.close()
-            if old is not None:
-                old.close()
-        result["startups"] = []
-        for run in range(1, args.startups + 1):
-            print(f"start-up {run} ...", flush=True)
-            result["startups"].append(startup(args.model, args.requests, workdir, run))
-            print(f"  {result['startups'][-1]}", flush=True)
+        if "stages" not in skip:
+            stages_and_speed(args, workdir, result)
+        if "sweep" not in skip:
+            result["distinct_sizes"] = {"sizes_per_pass": args.sizes, "settings": {}}
+            for name, settings in json.loads(args.sweep_settings).items():
+                print(f"{args.sizes} distinct sizes, twice, {name} ...", flush=True)
+                result["distinct_sizes"]["settings"][name] = {
+                    "environment": settings, **sweep(args.model, args.sizes, settings)}
+        if "startup" not in skip:
+            result["startups"] = []
+            for run in range(1, args.startups + 1):
+                print(f"start-up {run} ...", flush=True)
+                result["startups"].append(startup(args.model, args.requests, workdir, run))
+                print(f"  {result['startups'][-1]}", flush=True)
     result["load_average_after"] = os.getloadavg()[0]
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")

@@ -22,9 +22,14 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from netvlad_server.batching import BatchingPolicy, DynamicBatcher
+from netvlad_server.batching import DynamicBatcher
 from netvlad_server.config import ServerConfig, parse_config
 from netvlad_server.metrics import ServerMetrics
+from netvlad_server.places.service import (
+    PLACES_SERVICE_NAME,
+    PlaceIndexService,
+    add_place_index_service,
+)
 from netvlad_server.security import load_security
 from netvlad_server.service import (
     SERVICE_NAME,
@@ -33,12 +38,13 @@ from netvlad_server.service import (
     LoadedModel,
     ModelDescription,
     add_descriptor_service,
+    batching_policy,
     make_batch_runner,
 )
 
 log = logging.getLogger("netvlad_server")
 ModelLoader = Callable[[ServerConfig], LoadedModel]
-_HEALTH_NAMES = ("", SERVICE_NAME)
+_HEALTH_NAMES = ("", SERVICE_NAME, PLACES_SERVICE_NAME)
 _DEMO_WARNING = (
     "DEMO WEIGHTS (%s): random weights, the descriptors MEAN NOTHING and are only good for trying "
     "the software; pass --model with the official checkpoint directory or zip, a structed .mat or "
@@ -50,20 +56,32 @@ def load_model(config: ServerConfig) -> LoadedModel:
     import tensorflow as tf
 
     from netvlad_server.network import truncate_descriptors
-    from netvlad_server.runtime import build_network, configure_tensorflow
+    from netvlad_server.runtime import MemoryKeeper, build_network, configure_tensorflow
     from netvlad_server.weights import load_weights
+    from netvlad_server.weights.fingerprint import weights_fingerprint
 
     configure_tensorflow(config.intra_op_threads, config.inter_op_threads,
                          config.gpu_memory_growth)  # before TensorFlow's first operation
+    start = time.perf_counter()
     weights = load_weights(config.model)
-    network = build_network(weights, config.precision, config.xla, *config.warmup_sizes[:1])
+    log.info("weights read in %.1f s (%.0f MB)", time.perf_counter() - start, weights.nbytes / 1e6)
+    if config.precision == "int8":  # LiteRT int8 convolutions, checked by retrieval (int8.py)
+        from netvlad_server.int8 import build_int8_network
+
+        network = build_int8_network(weights, config.model, config.calibration,
+                                     config.intra_op_threads or None)
+    else:
+        network = build_network(weights, config.precision, config.xla, *config.warmup_sizes[:1])
     description = ModelDescription(
         model_name=weights.name, weight_source=weights.source, weight_format=weights.format,
         demo=weights.format == "demo", output_dims=network.output_dims,
         num_clusters=weights.num_clusters, cluster_dim=weights.cluster_dim,
         precision=network.precision, xla=config.xla,
-        device=network.device, tensorflow_version=tf.__version__)
-    return LoadedModel(forward=network, truncate=truncate_descriptors, description=description)
+        device=network.device, tensorflow_version=tf.__version__,
+        weights_sha256=weights_fingerprint(weights.tensors))
+    # Free heap pages go back to the system after new batch shapes and idle spells.
+    return LoadedModel(forward=MemoryKeeper(network), truncate=truncate_descriptors,
+                       description=description)
 
 
 def warm_up(model: LoadedModel, config: ServerConfig) -> None:
@@ -72,12 +90,15 @@ def warm_up(model: LoadedModel, config: ServerConfig) -> None:
     oneDNN sets up a new batch size in well under a call's time, so batch 1 is enough; XLA
     compiles every batch shape anew (about a second each), so under XLA every batch size runs.
     """
+    from netvlad_server.runtime import release_free_memory
+
     batches = range(1, config.max_batch_size + 1) if config.xla else (1,)
     for height, width in config.warmup_sizes:
         start = time.perf_counter()
         for batch in batches:
             model.forward(np.zeros((batch, height, width, 3), np.uint8))
         log.info("warm-up %dx%d: %.2f s", height, width, time.perf_counter() - start)
+    release_free_memory()  # what loading and warm-up freed, before the long steady state
 
 
 class NetVLADServer:
@@ -89,6 +110,7 @@ class NetVLADServer:
         self._loader = loader
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         self.service = DescriptorService(config, self.metrics, self._decode_pool)
+        self.places = PlaceIndexService(config, self.metrics, self.service)
         self.health: health.aio.HealthServicer | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -117,9 +139,11 @@ class NetVLADServer:
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         add_descriptor_service(self.service, server)
+        add_place_index_service(self.places, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (SERVICE_NAME, PLACES_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server)
         if config.metrics_port:
             try:
                 self._metrics_http = self.metrics.serve(config.metrics_host, config.metrics_port)
@@ -179,23 +203,23 @@ class NetVLADServer:
         if d.demo:
             log.warning(_DEMO_WARNING, d.weight_source)
         await asyncio.to_thread(warm_up, model, config)
-        policy = BatchingPolicy(max_batch_size=config.max_batch_size,
-                                max_queue_delay=config.max_queue_delay_ms / 1000.0,
-                                max_queue_size=config.max_queue_size)
-        self._batcher = DynamicBatcher(make_batch_runner(model), policy, observer=self.metrics,
-                                       thread_name="model", on_stopped=self._batcher_stopped)
+        self._batcher = DynamicBatcher(make_batch_runner(model), batching_policy(config),
+                                       observer=self.metrics, thread_name="model",
+                                       on_stopped=self._batcher_stopped)
         self._batcher.start()
         self.service.attach(model, self._batcher)
+        await self.places.attach(d)
         self.metrics.set_model(model=d.model_name, precision=d.precision,
                                output_dims=d.output_dims, weight_format=d.weight_format,
                                demo=d.demo)
         assert self.health is not None
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("SERVING: max_batch_size %d, max_queue_delay %.1f ms, max_queue_size %d images, "
-                 "max %d images per request, default resize %s", config.max_batch_size,
-                 config.max_queue_delay_ms, config.max_queue_size, config.max_images_per_request,
-                 config.resize)
+        log.info("SERVING: max_batch_size %d, max_queue_delay %.1f ms, queues of %d interactive "
+                 "and %d bulk images (default priority %s), max %d images per request, default "
+                 "resize %s", config.max_batch_size, config.max_queue_delay_ms,
+                 config.max_queue_size, config.bulk_queue_size, config.default_priority,
+                 config.max_images_per_request, config.resize)
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new RPCs, let admitted ones finish (up to grace s), close."""
@@ -209,6 +233,7 @@ class NetVLADServer:
             await self._server.stop(grace)
         if self._batcher is not None:
             await self._batcher.close()
+        await self.places.close()
         self._decode_pool.shutdown(wait=True)
         if self._metrics_http is not None:
             http, thread = self._metrics_http
@@ -247,6 +272,9 @@ async def serve(config: ServerConfig, loader: ModelLoader = load_model) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of netvlad-server: parse flags (NETVLAD_* fallbacks), serve, exit code."""
+    from netvlad_server.runtime import prefer_returning_memory
+
+    prefer_returning_memory()  # before anything loads TensorFlow
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -274,6 +274,14 @@ class NetVLADNetwork:
         """Let go of the float32 kernels float32_reference needs (a lower precision's copy)."""
         self._convs_float32 = None
 
+    def drop_convolutions(self) -> None:
+        """Let go of every convolution weight: another runtime runs them (the int8 path).
+
+        Only descriptors_from_features works afterwards.
+        """
+        self._convs = []
+        self._convs_float32 = None
+
     def layer_outputs(
         self, images: np.ndarray, subtract_mean: bool = True
     ) -> list[tuple[str, np.ndarray]]:

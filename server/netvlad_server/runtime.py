@@ -13,7 +13,11 @@ import ctypes.util
 import logging
 import os
 import platform
-from collections.abc import Mapping, MutableMapping
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,9 +38,13 @@ GPU_FP16_CAPABILITY = (7, 0)  # Volta and Turing: fp16 tensor cores, no bf16
 AUTO_MIN_COSINE = 0.9999  # "auto" keeps a lower precision only this close to float32
 log = logging.getLogger("netvlad_server")
 # oneDNN builds of TensorFlow serve every large tensor from a pool that grows to the largest batch's
-# working set and never shrinks (about 0.7 GB after one batch of 8 at 480x640); the system
-# allocator hands those pages back once the batch is done. Speed: see docs/BENCHMARKS.md.
+# working set and never shrinks (about 0.7-0.8 GiB after batches of 8 at 480x640); the system
+# allocator hands a batch's large tensors back when it is done, and MemoryKeeper returns what
+# malloc keeps of the smaller ones. The price is CPU time to map fresh pages for every batch;
+# docs/BENCHMARKS.md has the numbers and the alternatives measured.
 MEMORY_ENVIRONMENT = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "1"}
+IDLE_TRIM_SECONDS = 10.0  # MemoryKeeper returns free heap pages after this long without a batch
+RECENT_SHAPES = 64  # batch shapes MemoryKeeper remembers; a shape not among them trims the heap
 
 
 @dataclass(frozen=True)
@@ -211,8 +219,8 @@ def prefer_returning_memory(environ: MutableMapping[str, str] | None = None) -> 
 def release_free_memory() -> bool:
     """Give the C heap's free pages back to the system (glibc malloc_trim); False elsewhere.
 
-    Loading and the first forward passes leave tens of MB free inside malloc's arenas that
-    would otherwise count in the resident size for the process's whole life.
+    Loading and the first forward passes leave free memory inside malloc's heap that would
+    otherwise count in the resident size for the process's whole life.
     """
     name = ctypes.util.find_library("c")
     try:
@@ -223,6 +231,90 @@ def release_free_memory() -> bool:
         return False
     trim(ctypes.c_size_t(0))
     return True
+
+
+class MemoryKeeper:
+    """The forward callable, returning free heap pages when a batch's memory will not be reused.
+
+    glibc malloc keeps the blocks a batch frees inside its arenas, and a new image size rarely
+    fits them, so a run through many sizes piles up free memory in the resident size. This
+    hands the pages back (release_free_memory) after a batch shape none of the last `recent`
+    batches had, and once no batch has run for `idle_seconds`; a steady workload keeps its
+    blocks. The trims run on a daemon thread, off the batch's path; it ends with the keeper.
+    """
+
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray],
+                 idle_seconds: float = IDLE_TRIM_SECONDS, recent: int = RECENT_SHAPES,
+                 trim: Callable[[], bool] = release_free_memory) -> None:
+        if idle_seconds <= 0 or recent < 1:
+            raise ValueError(f"idle_seconds must be > 0 and recent >= 1; got {idle_seconds!r} "
+                             f"and {recent!r}")
+        self._forward = forward
+        self._trim = trim
+        self._recent: OrderedDict[tuple[object, ...], None] = OrderedDict()
+        self._capacity = recent
+        self._lock = threading.Lock()
+        self._wake = threading.Event()  # a new shape ran: trim now
+        self._running = 0  # batches in progress
+        self._last_end = time.monotonic()
+        self._untrimmed = False  # a batch ended since the last trim
+        self.trims = 0
+        self.idle_seconds = idle_seconds
+        threading.Thread(target=MemoryKeeper._watch, args=(weakref.ref(self), self._wake),
+                         name="memory-keeper", daemon=True).start()
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Run the forward pass; ask for a trim afterwards if this batch shape is new."""
+        with self._lock:
+            self._running += 1
+        try:
+            return self._forward(images)
+        finally:
+            shape = (*np.shape(images), str(getattr(images, "dtype", "")))
+            with self._lock:
+                self._running -= 1
+                self._last_end = time.monotonic()
+                self._untrimmed = True
+                new = shape not in self._recent
+                self._recent[shape] = None
+                self._recent.move_to_end(shape)
+                while len(self._recent) > self._capacity:
+                    self._recent.popitem(last=False)
+            if new:
+                self._wake.set()
+
+    def release(self) -> None:
+        """Return the heap's free pages now, on the calling thread."""
+        with self._lock:
+            self._untrimmed = False
+            self.trims += 1
+        self._trim()
+
+    def _idle_due(self) -> float:
+        """Seconds until an idle trim is due (0: due now; idle_seconds when none is pending)."""
+        with self._lock:
+            if not self._untrimmed or self._running:
+                return self.idle_seconds
+            return max(0.0, self._last_end + self.idle_seconds - time.monotonic())
+
+    @staticmethod
+    def _watch(ref: weakref.ref[MemoryKeeper], wake: threading.Event) -> None:
+        """Trim after each new shape and once after each idle spell; exit when the keeper is
+        gone (checked at least every second, so a dropped keeper's thread ends promptly)."""
+        wait = 1.0
+        while True:
+            woken = wake.wait(timeout=min(wait, 1.0) + 0.01)
+            keeper = ref()
+            if keeper is None:
+                return
+            if woken:
+                wake.clear()
+                keeper.release()
+            wait = keeper._idle_due()
+            if wait == 0.0:
+                keeper.release()
+                wait = keeper.idle_seconds
+            del keeper
 
 
 def thread_settings() -> dict[str, int]:

@@ -28,7 +28,8 @@ def tiny_config(metrics_port: int, **overrides: Any) -> ServerConfig:
     """A configuration for demo-tiny on 127.0.0.1 with a free gRPC port and small warm-up."""
     base = ServerConfig(model="demo-tiny", host="127.0.0.1", port=0, metrics_host="127.0.0.1",
                         metrics_port=metrics_port, warmup_sizes=((32, 32),), shutdown_grace_s=10.0,
-                        precision="float32")  # results are compared with the float32 network
+                        precision="float32",  # results are compared with the float32 network
+                        index_dir="off")  # place tests that need a directory pass their own
     return dataclasses.replace(base, **overrides)
 
 

@@ -128,7 +128,8 @@ class ServerProcess:
     """`python -m netvlad_server FLAGS` on 127.0.0.1, its output in `log`.
 
     port None picks a free port; metrics_port None picks a free one and 0 turns /metrics off.
-    The loopback flags come first, so a later flag in `flags` wins. `env` adds to this
+    The loopback flags come first, so a later flag in `flags` wins; place indexes go beside the
+    log (LOG.indexes/), never into the caller's working directory. `env` adds to this
     process's environment (TF_CPP_MIN_LOG_LEVEL defaults to 2: TensorFlow's start-up chatter).
     """
 
@@ -142,7 +143,8 @@ class ServerProcess:
         self.log = Path(log)
         command = [sys.executable, "-m", "netvlad_server", "--host", LOOPBACK,
                    "--port", str(self.port), "--metrics-host", LOOPBACK,
-                   "--metrics-port", str(self.metrics_port), *flags]
+                   "--metrics-port", str(self.metrics_port),
+                   "--index-dir", str(self.log.with_name(self.log.name + ".indexes")), *flags]
         environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL":
                        os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), **(env or {})}
         with open(self.log, "wb") as handle:

@@ -1,6 +1,7 @@
 """Where the full-size server's memory goes, its start-up time, and the speed cost of the fixes.
 
-Usage: python scripts/bench_memory.py [--baseline-commit REV] [--output docs/bench_memory.json]
+Usage: python scripts/bench_memory.py [--baseline-commit REV] [--variants JSON]
+       [--output docs/bench_memory.json]
 
 Three parts, each in fresh processes so resident sizes are the process's own:
 1. Stages: a worker process loads the weights, builds the network, runs the precision check,
@@ -8,9 +9,11 @@ Three parts, each in fresh processes so resident sizes are the process's own:
    (RSS) after each stage; once with this tree's network and memory settings as the server
    runs them (system allocator, MemoryKeeper), once with network.py from --baseline-commit and
    TensorFlow's default allocator (the code before the memory work).
-2. Same speed, same descriptors: both workers stay alive and take turns on the same synthetic
-   images (old, new, new, old, ...), so the shared machine's load hits both alike; the
-   descriptors are compared bit for bit. Wall time and CPU time per call are both recorded:
+2. Same speed, same descriptors: the old worker and one worker per --variants entry (this tree
+   under other environment variables, e.g. LD_PRELOAD of jemalloc and its MALLOC_CONF) stay
+   alive and take turns on the same synthetic images in a rotating order, so the shared
+   machine's load hits all alike; descriptors are compared bit for bit, and each variant's RSS
+   is read after the timed calls and once idle. Wall time and CPU time per call are both recorded:
    on a shared machine CPU time is the steadier measure of the work a call costs.
 3. Many sizes: --sizes distinct image sizes run twice through a fresh worker per setting in
    --sweep-settings (environment variables such as ONEDNN_PRIMITIVE_CACHE_CAPACITY), to show
@@ -162,6 +165,8 @@ def worker(model: str, network_source: str | None, new_environment: bool) -> Non
         elif command["op"] == "trim":
             runtime.release_free_memory()
             _reply(**rss_mib())
+        elif command["op"] == "rss":
+            _reply(allocator=runtime.heap_allocator(), **rss_mib())
 
 
 class Worker:
@@ -217,37 +222,59 @@ def distinct_sizes(count: int, seed: int) -> list[tuple[int, int]]:
     return chosen[:count]
 
 
-def compare_speed(old: Worker, new: Worker, repeats: int) -> list[dict[str, object]]:
-    """Alternate old and new on each timed shape; medians, ratio, descriptor agreement."""
+def compare_speed(old: Worker, variants: dict[str, Worker],
+                  repeats: int) -> list[dict[str, object]]:
+    """Alternate old and each variant on each timed shape (the order rotates every round);
+    medians, ratios to old, descriptor agreement, one row per shape and variant."""
+    workers = {"old": old, **variants}
     rows = []
     for height, width, batch in TIMED:
-        times: dict[str, list[float]] = {"old": [], "new": []}
-        cpu: dict[str, list[float]] = {"old": [], "new": []}
-        faults: dict[str, list[int]] = {"old": [], "new": []}
+        times: dict[str, list[float]] = {k: [] for k in workers}
+        cpu: dict[str, list[float]] = {k: [] for k in workers}
+        faults: dict[str, list[int]] = {k: [] for k in workers}
         outputs: dict[str, np.ndarray] = {}
+        order = list(workers)
         for rep in range(repeats + 1):  # the first round only warms this shape up
-            pair = (("old", old), ("new", new)) if rep % 2 else (("new", new), ("old", old))
-            for label, w in pair:
-                answer = w.ask(op="run", height=height, width=width, batch=batch)
+            turn = order[rep % len(order):] + order[:rep % len(order)]
+            for label in turn if rep % 2 else reversed(turn):
+                answer = workers[label].ask(op="run", height=height, width=width, batch=batch)
                 outputs[label] = np.frombuffer(base64.b64decode(answer["descriptors"]),
                                                np.float32)
                 if rep:
                     times[label].append(answer["seconds"])
                     cpu[label].append(answer["cpu_seconds"])
                     faults[label].append(answer["page_faults"])
-        old_s, new_s = (float(np.median(times[k])) for k in ("old", "new"))
-        old_cpu, new_cpu = (float(np.median(cpu[k])) for k in ("old", "new"))
-        rows.append({"size": f"{height}x{width}", "batch": batch,
-                     "old_median_s": round(old_s, 3), "new_median_s": round(new_s, 3),
-                     "new_over_old": round(new_s / old_s, 3),
-                     "old_median_cpu_s": round(old_cpu, 3), "new_median_cpu_s": round(new_cpu, 3),
-                     "new_over_old_cpu": round(new_cpu / old_cpu, 3),
-                     "median_page_faults": {k: int(np.median(v)) for k, v in faults.items()},
-                     "descriptors_bit_identical": bool(np.array_equal(outputs["old"],
-                                                                      outputs["new"])),
-                     "max_abs_difference": float(np.max(np.abs(outputs["old"] - outputs["new"])))})
-        print(f"  {rows[-1]}", flush=True)
+        old_s, old_cpu = float(np.median(times["old"])), float(np.median(cpu["old"]))
+        for label in variants:
+            new_s, new_cpu = float(np.median(times[label])), float(np.median(cpu[label]))
+            rows.append({"variant": label, "size": f"{height}x{width}", "batch": batch,
+                         "old_median_s": round(old_s, 3), "new_median_s": round(new_s, 3),
+                         "new_over_old": round(new_s / old_s, 3),
+                         "old_median_cpu_s": round(old_cpu, 3),
+                         "new_median_cpu_s": round(new_cpu, 3),
+                         "new_over_old_cpu": round(new_cpu / old_cpu, 3),
+                         "median_page_faults": {k: int(np.median(faults[k]))
+                                                for k in ("old", label)},
+                         "rss_mib_after": answer_rss(workers[label]),
+                         "descriptors_bit_identical": bool(np.array_equal(outputs["old"],
+                                                                          outputs[label])),
+                         "max_abs_difference": float(np.max(np.abs(outputs["old"]
+                                                                   - outputs[label])))})
+            print(f"  {rows[-1]}", flush=True)
     return rows
+
+
+def answer_rss(worker: Worker) -> float:
+    """The worker's resident size now, in MiB, without running anything."""
+    return worker.ask(op="rss")["rss_mib"]
+
+
+def idle_rss(variants: dict[str, Worker], seconds: float) -> dict[str, dict[str, float]]:
+    """RSS of each variant after `seconds` without a batch, then after the keeper's trim."""
+    time.sleep(seconds)
+    return {label: {f"rss_mib_idle_{seconds:g}s": w.ask(op="rss")["rss_mib"],
+                    "rss_mib_after_trim": w.ask(op="trim")["rss_mib"]}
+            for label, w in variants.items()}
 
 
 def _log_times(log: Path) -> list[tuple[float, str]]:
@@ -329,16 +356,26 @@ def stages_and_speed(args: argparse.Namespace, workdir: Path,
         old = Worker("baseline", args.model, str(source), new_environment=False)
         result["baseline_commit"] = args.baseline_commit
         result["stages_baseline"] = old.stages
-    print("stages, this tree ...", flush=True)
-    new = Worker("new", args.model, None, new_environment=True)
-    result["stages_new"] = new.stages
+    variants: dict[str, Worker] = {}
+    result["stages_new"] = {}
     try:
+        for name, settings in json.loads(args.variants).items():
+            print(f"stages, this tree, {name} ...", flush=True)
+            variants[name] = Worker(name, args.model, None, new_environment=True,
+                                    settings=settings)
+            result["stages_new"][name] = {"environment": settings,
+                                          "allocator": variants[name].ask(op="rss")["allocator"],
+                                          "stages": variants[name].stages}
         if old is not None:
             print("alternated timing ...", flush=True)
-            result["speed_and_descriptors"] = compare_speed(old, new, args.repeats)
+            result["speed_and_descriptors"] = compare_speed(old, variants, args.repeats)
             old.close()
+        print(f"idle {args.idle_seconds:g} s ...", flush=True)
+        result["idle"] = idle_rss(variants, args.idle_seconds)
+        print(f"  {result['idle']}", flush=True)
     finally:
-        new.close()
+        for w in variants.values():
+            w.close()
         if old is not None:
             old.close()
 
@@ -373,6 +410,11 @@ def main() -> int:
                         help="compare against network.py of this commit (e.g. 2f5a32c)")
     parser.add_argument("--repeats", type=int, default=5, help="alternated timing rounds")
     parser.add_argument("--sizes", type=int, default=200, help="distinct sizes per sweep pass")
+    parser.add_argument("--variants", default='{"server defaults": {}}',
+                        help="JSON: name -> environment variables (e.g. LD_PRELOAD, MALLOC_CONF) "
+                             "of this tree's workers, each timed against the baseline")
+    parser.add_argument("--idle-seconds", type=float, default=15.0,
+                        help="idle time before the variants' idle RSS is read")
     parser.add_argument("--sweep-settings", default='{"server defaults": {}}',
                         help="JSON: name -> environment variables, one many-sizes worker each")
     parser.add_argument("--skip", default="",

@@ -9,7 +9,6 @@ Thread counts and GPU memory growth must be set before TensorFlow runs its first
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import platform
@@ -40,8 +39,9 @@ log = logging.getLogger("netvlad_server")
 # oneDNN builds of TensorFlow serve every large tensor from a pool that grows to the largest batch's
 # working set and never shrinks (about 0.7-0.8 GiB after batches of 8 at 480x640); the system
 # allocator hands a batch's large tensors back when it is done, and MemoryKeeper returns what
-# malloc keeps of the smaller ones. The price is CPU time to map fresh pages for every batch;
-# docs/BENCHMARKS.md has the numbers and the alternatives measured.
+# malloc keeps of the smaller ones. With glibc's malloc the price is CPU time to map fresh pages
+# for every batch; jemalloc loaded with LD_PRELOAD (as the container image does) keeps them warm
+# until MemoryKeeper purges. docs/BENCHMARKS.md has the numbers and the alternatives measured.
 MEMORY_ENVIRONMENT = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "1"}
 IDLE_TRIM_SECONDS = 10.0  # MemoryKeeper returns free heap pages after this long without a batch
 RECENT_SHAPES = 64  # batch shapes MemoryKeeper remembers; a shape not among them trims the heap
@@ -137,6 +137,9 @@ def configure_tensorflow(intra_op_threads: int, inter_op_threads: int,
     threads = thread_settings()
     log.info("TensorFlow threads: intra-op %d, inter-op %d (0: TensorFlow's choice); %d cores",
              threads["intra_op_threads"], threads["inter_op_threads"], os.cpu_count() or 0)
+    log.info("heap allocator: %s (MALLOC_CONF %r, TF_ONEDNN_USE_SYSTEM_ALLOCATOR %r)",
+             heap_allocator(), os.environ.get("MALLOC_CONF", ""),
+             os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", ""))
 
 
 def synthetic_scene(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -216,21 +219,56 @@ def prefer_returning_memory(environ: MutableMapping[str, str] | None = None) -> 
         environ.setdefault(name, value)
 
 
-def release_free_memory() -> bool:
-    """Give the C heap's free pages back to the system (glibc malloc_trim); False elsewhere.
+class _DlInfo(ctypes.Structure):
+    """dladdr's answer: the shared object a symbol's address lies in."""
 
-    Loading and the first forward passes leave free memory inside malloc's heap that would
-    otherwise count in the resident size for the process's whole life.
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def heap_allocator() -> str:
+    """Which malloc this process runs with: "jemalloc", "tcmalloc", "glibc" or "unknown".
+
+    Asks the dynamic linker which library the process-wide `malloc` symbol comes from, so a
+    library loaded with LD_PRELOAD is seen as what it is and a copy merely present is not.
     """
-    name = ctypes.util.find_library("c")
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
+        process = ctypes.CDLL(None)
+        info = _DlInfo()
+        address = ctypes.cast(process.malloc, ctypes.c_void_p)
+        found = process.dladdr(address, ctypes.byref(info))
     except (OSError, AttributeError):
-        trim = None
-    if trim is None:
-        return False
-    trim(ctypes.c_size_t(0))
-    return True
+        return "unknown"
+    library = Path((info.dli_fname or b"").decode(errors="replace")).name if found else ""
+    for name in ("jemalloc", "tcmalloc"):
+        if name in library:
+            return name
+    return "glibc" if library.startswith("libc.") else "unknown"
+
+
+def release_free_memory() -> bool:
+    """Give the C heap's free pages back to the system, in the way of the malloc in use.
+
+    glibc: malloc_trim; jemalloc: purge every arena (mallctl); tcmalloc: ReleaseFreeMemory.
+    Returns False when the allocator offers no such call. Loading and the first forward passes
+    leave free memory inside the heap that would otherwise count in the resident size for the
+    process's whole life.
+    """
+    allocator = heap_allocator()
+    try:
+        process = ctypes.CDLL(None)
+        if allocator == "jemalloc":
+            purge_all_arenas = b"arena.4096.purge"  # 4096: MALLCTL_ARENAS_ALL
+            return process.mallctl(purge_all_arenas, None, None, None, ctypes.c_size_t(0)) == 0
+        if allocator == "tcmalloc":
+            process.MallocExtension_ReleaseFreeMemory()
+            return True
+        if allocator == "glibc":
+            process.malloc_trim(ctypes.c_size_t(0))
+            return True
+    except AttributeError:
+        pass
+    return False
 
 
 class MemoryKeeper:

@@ -54,3 +54,20 @@ def reference(pixels: np.ndarray, dims: int | None = None) -> np.ndarray:
     """What a direct NetVLADNetwork call gives for one image: a (D,) float32 row."""
     batch = pixels[None, :, :, None] if pixels.ndim == 2 else pixels[None]
     return _network()(batch, dims=dims)[0]
+
+
+def run_cli(server: harness.ServerProcess, *args: str) -> int:
+    """netvlad-client --target SERVER ARGS, in this process; its exit status."""
+    from netvlad_client.cli import main
+
+    return main(["--target", server.target, *args])
+
+
+def one_line_error(capsys, *words: str) -> str:
+    """The CLI's stderr after a failure: one line, no traceback, holding every word."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+    return err

@@ -11,11 +11,14 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from netvlad_client.bench.harness import free_port
 from netvlad_server.config import build_parser, config_from_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,3 +106,49 @@ def poll(check: Callable[[], object], timeout: float, what: str | Callable[[], s
             return result
         time.sleep(0.25)
     pytest.fail(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
+
+
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+
+
+@dataclass
+class Prometheus:
+    """A real Prometheus process on loopback: its API port, the process and its log."""
+
+    port: int
+    process: subprocess.Popen
+    log: Path
+
+    def log_tail(self) -> str:
+        """The end of its log, for a failure message."""
+        return self.log.read_text()[-2000:]
+
+
+@contextmanager
+def running_prometheus(targets: list[str], workdir: Path,
+                       rule_files: list[str] | None = None) -> Iterator[Prometheus]:
+    """The shipped Prometheus config, scraping `targets` every second, as a real process that
+    answers its API; stopped on exit."""
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    if rule_files is not None:
+        config["rule_files"] = rule_files
+    (job,) = config["scrape_configs"]
+    job["static_configs"] = [{"targets": targets}]
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = workdir / "prometheus.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={workdir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    running = Prometheus(port, process, log)
+    try:
+        poll(lambda: process.poll() is None and prometheus_get(port, "/api/v1/targets"), 30,
+             lambda: f"Prometheus to start ({running.log_tail()})")
+        yield running
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

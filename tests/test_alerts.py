@@ -11,7 +11,6 @@ and raises the availability alerts for a dead target and a server still loading.
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Iterator
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 import yaml
 from client_support import random_image
 from conftest import free_port
-from deploy_support import ROOT, poll, prometheus_get, run, tool
+from deploy_support import ROOT, poll, prometheus_get, run, running_prometheus, tool
 from netvlad_client import NetVLADClient, NetVLADRPCError
 from prometheus_client.parser import text_string_to_metric_families
 from server_thread import ServerThread, tiny_config
@@ -168,36 +167,23 @@ def test_rules_read_only_exported_metrics_and_labels(loaded_server):
 
 def test_real_prometheus_evaluates_the_rules_and_raises_availability_alerts(
         loaded_server, tiny_model, tmp_path):
-    binary = tool("prometheus")
-    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    config["rule_files"] = [str(RULES)]
     dead = f"127.0.0.1:{free_port()}"
     with ServerThread(tiny_config(free_port()), lambda _config: tiny_model,
                       load=False) as loading:
         healthy = f"127.0.0.1:{loaded_server.config.metrics_port}"
         still_loading = f"127.0.0.1:{loading.config.metrics_port}"
-        (job,) = config["scrape_configs"]
-        job["static_configs"] = [{"targets": [healthy, still_loading, dead]}]
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = free_port()
-        log = tmp_path / "prometheus.log"
-        with open(log, "w") as out:
-            process = subprocess.Popen(
-                [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={tmp_path / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{port}"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )
-        try:
+        with running_prometheus([healthy, still_loading, dead], tmp_path,
+                                rule_files=[str(RULES)]) as prometheus:
+            port = prometheus.port
+
             def rules_evaluated() -> list[dict]:
                 groups = prometheus_get(port, "/api/v1/rules")["data"]["groups"]
                 rules = [rule for group in groups for rule in group["rules"]]
                 done = all(rule["lastEvaluation"] > "2000" for rule in rules)
                 return rules if len(rules) == len(alert_rules()) and done else []
 
-            rules = poll(lambda: process.poll() is None and rules_evaluated(), 60,
-                         lambda: f"Prometheus to evaluate the rules ({log.read_text()[-2000:]})")
+            rules = poll(lambda: prometheus.process.poll() is None and rules_evaluated(), 60,
+                         lambda: f"Prometheus to evaluate the rules ({prometheus.log_tail()})")
             for rule in rules:
                 assert rule["health"] == "ok", rule
 
@@ -211,6 +197,3 @@ def test_real_prometheus_evaluates_the_rules_and_raises_availability_alerts(
                           lambda: f"alerts {sorted(wanted)}, got {alerts()}")
             assert set(raised) == wanted, raised
             assert set(raised.values()) == {"pending"}, "`for:` holds them pending at first"
-        finally:
-            process.terminate()
-            process.wait(timeout=30)

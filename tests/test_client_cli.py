@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from client_support import ServerProcess, random_image, reference, write_png
+from client_support import ServerProcess, one_line_error, random_image, reference, write_png
+from client_support import run_cli as run
 from netvlad_client.bench.harness import free_port
 from netvlad_client.cli import main
 
@@ -23,21 +24,6 @@ ATOL = 1e-6
 @pytest.fixture(scope="module")
 def server(tiny_server_process):
     return tiny_server_process
-
-
-def run(server, *args: str) -> int:
-    """netvlad-client --target SERVER ARGS, in this process."""
-    return main(["--target", server.target, *args])
-
-
-def one_line_error(capsys, *words: str) -> str:
-    """The CLI's stderr after a failure: one line, no traceback, holding every word."""
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    for word in words:
-        assert word in err, err
-    return err
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from deploy_support import (
     poll,
     prometheus_get,
     run,
+    running_prometheus,
     tool,
 )
 from netvlad_client import NetVLADClient, NetVLADRPCError
@@ -370,27 +371,8 @@ def test_dockerfile_healthcheck_under_mutual_tls_with_the_client_environment(tin
 @pytest.fixture
 def prometheus(servers, tmp_path) -> Iterator[int]:
     """A real Prometheus on loopback scraping servers[0] with the project's scrape config."""
-    binary = tool("prometheus")
-    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    (job,) = config["scrape_configs"]
-    job["static_configs"] = [{"targets": [f"127.0.0.1:{servers[0].metrics_port}"]}]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = tmp_path / "prometheus.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-    try:
-        poll(lambda: process.poll() is None and prometheus_get(port, "/api/v1/targets"), 30,
-             f"Prometheus to start ({log.read_text()[-2000:]})")
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with running_prometheus([f"127.0.0.1:{servers[0].metrics_port}"], tmp_path) as running:
+        yield running.port
 
 
 def test_real_prometheus_collects_the_netvlad_series(servers, prometheus):

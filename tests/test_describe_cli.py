@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from client_support import random_image, reference, write_png
-from netvlad_client.cli import main
+from client_support import one_line_error, random_image, reference, write_png
+from client_support import run_cli as run
 
 ATOL = 1e-6
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -28,24 +28,9 @@ def server(tiny_server_process):
     return tiny_server_process
 
 
-def run(server, *args: str) -> int:
-    """netvlad-client --target SERVER ARGS, in this process."""
-    return main(["--target", server.target, *args])
-
-
 def cli(server, *args: str) -> list[str]:
     """The command line of netvlad-client --target SERVER ARGS in a child process."""
     return [sys.executable, "-m", "netvlad_client.cli", "--target", server.target, *args]
-
-
-def one_line_error(capsys, *words: str) -> str:
-    """The CLI's stderr after a failure: one line, no traceback, holding every word."""
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    for word in words:
-        assert word in err, err
-    return err
 
 
 def images(directory: Path, count: int, seed: int = 0, size: int = 24) -> dict[str, np.ndarray]:

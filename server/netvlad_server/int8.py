@@ -25,7 +25,6 @@ from netvlad_server.calibration import BUILTIN, ModelCache, cache_dir_for, calib
 from netvlad_server.network import NetVLADNetwork, check_images
 from netvlad_server.tflite import FEATURES_LAYER, TFLiteRunner, convert, interpreter_class
 from netvlad_server.weights import NetVLADWeights
-from netvlad_server.weights.fingerprint import weights_fingerprint
 
 MAX_SIZES = 4  # prepared interpreters (image sizes) kept at once
 CHECK_PLACES = 8  # scene pairs of the start-up agreement check
@@ -229,7 +228,7 @@ def calibrated_features_model(weights: NetVLADWeights, network: NetVLADNetwork, 
     calibrated = calibration_set(calibration)
     key = hashlib.sha256(f"{calibrated.digest}:{tf.__version__}:{CONVERSION_VERSION}".encode())
     cache = ModelCache(cache_dir_for(model), _cache_stem(model))
-    fingerprint = weights_fingerprint(weights.tensors)
+    fingerprint = weights.fingerprint
     kind = f"int8-{FEATURES_LAYER}"
     content, cached = cache.get_or_make(kind, fingerprint, key.hexdigest(), lambda: convert(
         network, "int8", calibrated, last=FEATURES_LAYER))

@@ -58,7 +58,6 @@ def load_model(config: ServerConfig) -> LoadedModel:
     from netvlad_server.network import truncate_descriptors
     from netvlad_server.runtime import MemoryKeeper, build_network, configure_tensorflow
     from netvlad_server.weights import load_weights
-    from netvlad_server.weights.fingerprint import weights_fingerprint
 
     configure_tensorflow(config.intra_op_threads, config.inter_op_threads,
                          config.gpu_memory_growth)  # before TensorFlow's first operation
@@ -78,7 +77,7 @@ def load_model(config: ServerConfig) -> LoadedModel:
         num_clusters=weights.num_clusters, cluster_dim=weights.cluster_dim,
         precision=network.precision, xla=config.xla,
         device=network.device, tensorflow_version=tf.__version__,
-        weights_sha256=weights_fingerprint(weights.tensors))
+        weights_sha256=weights.fingerprint)
     # Free heap pages go back to the system after new batch shapes and idle spells.
     return LoadedModel(forward=MemoryKeeper(network), truncate=truncate_descriptors,
                        description=description)

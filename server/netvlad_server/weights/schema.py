@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
+
+from .fingerprint import weights_fingerprint
 
 SCOPE = "vgg16_netvlad_pca"
 CONV_LAYERS = (
@@ -156,6 +159,11 @@ class NetVLADWeights:
     def __post_init__(self) -> None:
         """Validate on construction so every NetVLADWeights in the program is usable."""
         check_tensors(self.tensors)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the tensors (weights/fingerprint.py), computed once for all who ask."""
+        return weights_fingerprint(self.tensors)
 
     @property
     def conv_channels(self) -> tuple[int, ...]:

@@ -5,8 +5,9 @@ Usage: python scripts/bench_memory.py [--baseline-commit REV] [--variants JSON]
 
 Three parts, each in fresh processes so resident sizes are the process's own:
 1. Stages: a worker process loads the weights, builds the network, runs the precision check,
-   drops the loaded arrays, warms up and runs batches of 8 at 480x640, reading its resident size
-   (RSS) after each stage; once with this tree's network and memory settings as the server
+   drops the loaded arrays, warms up, releases library pages as the server does and runs batches
+   of 8 at 480x640, reading its resident size (RSS, and its anonymous and file parts) after each
+   stage; once with this tree's network and memory settings as the server
    runs them (system allocator, MemoryKeeper), once with network.py from --baseline-commit and
    TensorFlow's default allocator (the code before the memory work).
 2. Same speed, same descriptors: the old worker and one worker per --variants entry (this tree
@@ -56,10 +57,12 @@ MIB = 2**20
 
 
 def rss_mib() -> dict[str, float]:
-    """This process's resident size, all of it and its anonymous (heap) part, in MiB."""
+    """This process's resident size: all of it, its anonymous (heap) part and its file pages
+    (libraries; shared with any other process mapping the same files), in MiB."""
     status = harness.proc_status()
     return {"rss_mib": round(status["VmRSS"] / MIB, 1),
-            "anon_mib": round(status.get("RssAnon", 0) / MIB, 1)}
+            "anon_mib": round(status.get("RssAnon", 0) / MIB, 1),
+            "file_mib": round(status.get("RssFile", 0) / MIB, 1)}
 
 
 def _cpu_seconds() -> float:
@@ -91,7 +94,8 @@ def _load_network_class(source: str | None) -> type:
     return module.NetVLADNetwork
 
 
-def worker(model: str, network_source: str | None, new_environment: bool) -> None:
+def worker(model: str, network_source: str | None, new_environment: bool,
+           release_libraries: bool = True) -> None:
     """Run the server's loading steps stage by stage, then answer timing commands on stdin."""
     started = time.perf_counter()
     stages: list[dict[str, object]] = []
@@ -137,6 +141,11 @@ def worker(model: str, network_source: str | None, new_environment: bool) -> Non
     if new_environment:
         runtime.release_free_memory()
         t = stage("free heap pages returned (after warm-up)", t)
+        if release_libraries:  # then one more forward pass, as warm_up does
+            advised = runtime.release_library_pages()
+            network(np.zeros((1, 480, 640, 3), np.uint8))
+            runtime.release_free_memory()
+            t = stage(f"library pages released ({advised >> 20} MiB advised), one pass back", t)
         network = runtime.MemoryKeeper(network)  # as load_model wraps it
     for round_ in (1, 2):
         network(np.zeros((8, 480, 640, 3), np.uint8))
@@ -173,12 +182,15 @@ class Worker:
     """A worker process of this script, spoken to in JSON lines."""
 
     def __init__(self, name: str, model: str, network_source: str | None,
-                 new_environment: bool, settings: dict[str, str] | None = None) -> None:
+                 new_environment: bool, settings: dict[str, str] | None = None,
+                 release_libraries: bool = True) -> None:
         command = [sys.executable, __file__, "--worker", "--model", model]
         if network_source:
             command += ["--network-source", network_source]
         if new_environment:
             command.append("--new-environment")
+        if not release_libraries:
+            command.append("--keep-library-pages")
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
                **(settings or {})}
         self.name = name
@@ -330,6 +342,7 @@ def startup(model: str, requests: int, workdir: Path, run: int) -> dict[str, obj
               "weights read": _first(lines, "weights read"),
               "network built and precision checked": _first(lines, "loaded "),
               "warm-up done": _first(lines, "warm-up"),
+              "library pages released, one pass back": _first(lines, "library pages"),
               "SERVING (log)": _first(lines, "SERVING"),
               "SERVING seen by a health check": serving}
     names = list(points)
@@ -345,20 +358,13 @@ def startup(model: str, requests: int, workdir: Path, run: int) -> dict[str, obj
 def stages_and_speed(args: argparse.Namespace, workdir: Path,
                      result: dict[str, object]) -> None:
     """Parts 1 and 2: loading stages of both workers, alternated timing, the idle trim's cost."""
-    old = None
-    if args.baseline_commit:
-        source = workdir / "baseline_network.py"
-        source.write_bytes(subprocess.run(
-            ["git", "-C", str(ROOT), "show",
-             f"{args.baseline_commit}:server/netvlad_server/network.py"],
-            check=True, capture_output=True).stdout)
-        print(f"stages, baseline network of {args.baseline_commit} ...", flush=True)
-        old = Worker("baseline", args.model, str(source), new_environment=False)
-        result["baseline_commit"] = args.baseline_commit
-        result["stages_baseline"] = old.stages
     variants: dict[str, Worker] = {}
     result["stages_new"] = {}
+    old = None
     try:
+        # This tree's workers start first: library pages another process maps too stay
+        # resident whatever this process advises, so their stages are read before the
+        # baseline worker maps TensorFlow as well.
         for name, settings in json.loads(args.variants).items():
             print(f"stages, this tree, {name} ...", flush=True)
             variants[name] = Worker(name, args.model, None, new_environment=True,
@@ -366,6 +372,19 @@ def stages_and_speed(args: argparse.Namespace, workdir: Path,
             result["stages_new"][name] = {"environment": settings,
                                           "allocator": variants[name].ask(op="rss")["allocator"],
                                           "stages": variants[name].stages}
+        if args.baseline_commit:
+            source = workdir / "baseline_network.py"
+            source.write_bytes(subprocess.run(
+                ["git", "-C", str(ROOT), "show",
+                 f"{args.baseline_commit}:server/netvlad_server/network.py"],
+                check=True, capture_output=True).stdout)
+            print(f"stages, baseline network of {args.baseline_commit} ...", flush=True)
+            old = Worker("baseline", args.model, str(source),
+                         new_environment=args.baseline_as_server,
+                         settings=json.loads(args.baseline_settings), release_libraries=False)
+            result["baseline_commit"] = args.baseline_commit
+            result["baseline_as_server"] = args.baseline_as_server
+            result["stages_baseline"] = old.stages
         if old is not None:
             print("alternated timing ...", flush=True)
             result["speed_and_descriptors"] = compare_speed(old, variants, args.repeats)
@@ -408,6 +427,12 @@ def main() -> int:
     parser.add_argument("--model", default="demo", help="weights to load (default: demo)")
     parser.add_argument("--baseline-commit", default=None,
                         help="compare against network.py of this commit (e.g. 2f5a32c)")
+    parser.add_argument("--baseline-as-server", action="store_true",
+                        help="run the baseline network as the server ran it before library "
+                             "pages were released: system allocator, MemoryKeeper, pages kept")
+    parser.add_argument("--baseline-settings", default="{}",
+                        help="JSON: environment variables of the baseline worker (e.g. the "
+                             "variants' LD_PRELOAD and MALLOC_CONF)")
     parser.add_argument("--repeats", type=int, default=5, help="alternated timing rounds")
     parser.add_argument("--sizes", type=int, default=200, help="distinct sizes per sweep pass")
     parser.add_argument("--variants", default='{"server defaults": {}}',
@@ -426,9 +451,11 @@ def main() -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--network-source", help=argparse.SUPPRESS)
     parser.add_argument("--new-environment", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--keep-library-pages", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.model, args.network_source, args.new_environment)
+        worker(args.model, args.network_source, args.new_environment,
+               not args.keep_library_pages)
         return 0
     skip = set(filter(None, args.skip.split(",")))
     result: dict[str, object] = {"model": args.model, "cpu": os.cpu_count(),

@@ -46,16 +46,28 @@ class InstrumentedModel:
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """Record, wait at the gate, fail on the chosen height, else run the real network."""
+        return self._instrumented(self.model.forward, batch)
+
+    def _instrumented(self, run: Callable[[np.ndarray], np.ndarray],
+                      batch: np.ndarray) -> np.ndarray:
+        """forward's recording, gate and failure around `run` (the forward or a first stage)."""
         self.batches.append(batch.shape)
         self.entered.set()
         assert self.gate.wait(60), "the test never opened the gate"
         if batch.shape[1] == self.fail_height:
             raise RuntimeError(f"test model refuses height {self.fail_height}")
-        return self.model.forward(batch)
+        return run(batch)
 
     def loader(self, config: ServerConfig) -> LoadedModel:
-        """A loader for NetVLADServer returning the instrumented model."""
-        return dataclasses.replace(self.model, forward=self.forward)
+        """A loader for NetVLADServer returning the instrumented model.
+
+        A stepped batch's steps (its first stage) are recorded and gated like whole batches.
+        """
+        stages = self.model.stages
+        if stages is not None:
+            first, second = stages
+            stages = (lambda batch: self._instrumented(first, batch), second)
+        return dataclasses.replace(self.model, forward=self.forward, stages=stages)
 
     def shapes_run(self) -> list[tuple[int, ...]]:
         """Image shapes (H, W, C) of every image that reached the network, warm-up excluded."""

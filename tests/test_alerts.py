@@ -3,9 +3,10 @@
 deploy/prometheus/alerts.yml is checked with `promtool check rules`, its unit tests
 (alerts_test.yml) run with `promtool test rules`, and every alert's shape (for, severity,
 summary, one-line runbook) and test coverage (a case that fires, a series that stays quiet) is
-checked here. Against real servers: the metrics and labels the rules read are exported, and a
-real Prometheus with the shipped configuration loads the rules, evaluates them without errors
-and raises the availability alerts for a dead target and a server still loading.
+checked here. Against real servers: the metrics and labels the rules read are exported, the
+serving gauge follows the health service, and a real Prometheus with the shipped configuration
+loads the rules, evaluates them without errors and raises the availability alerts for a dead
+target, a server still loading and an idle server whose model thread stopped.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 import yaml
 from client_support import random_image
 from conftest import free_port
 from deploy_support import ROOT, poll, prometheus_get, run, running_prometheus, tool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from netvlad_client import NetVLADClient, NetVLADRPCError
+from netvlad_server.places.service import PLACES_SERVICE_NAME
+from netvlad_server.service import SERVICE_NAME
 from prometheus_client.parser import text_string_to_metric_families
 from server_thread import ServerThread, tiny_config
 
@@ -151,6 +156,53 @@ def loaded_server(tiny_model) -> Iterator[ServerThread]:
         yield running
 
 
+def serving_gauge(server: ServerThread) -> dict[str, float]:
+    """netvlad_serving by service, as the server's /metrics page shows it."""
+    return {sample.labels["service"]: sample.value
+            for family in text_string_to_metric_families(server.metrics_text())
+            for sample in family.samples if sample.name == "netvlad_serving"}
+
+
+def health_status(server: ServerThread, service: str) -> int:
+    """The gRPC health status the server answers for `service`."""
+    with grpc.insecure_channel(server.target) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def stop_model_thread(server: ServerThread) -> None:
+    """Make the batch scheduler die, as an unexpected failure would: health turns NOT_SERVING.
+
+    The metrics observer raises after one batch, which ends the scheduler; the call itself
+    still gets its answer.
+    """
+    def broken_observer(*_args: object) -> None:
+        raise RuntimeError("test: the batch scheduler stops here")
+
+    server.server.metrics.batch_done = broken_observer
+    with NetVLADClient(server.target) as client:
+        client.describe(random_image(0))
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    poll(lambda: health_status(server, SERVICE_NAME) == not_serving, 20,
+         lambda: "health NOT_SERVING after the scheduler stopped")
+
+
+def test_serving_gauge_follows_health(tiny_model):
+    services = {SERVICE_NAME, PLACES_SERVICE_NAME}
+    serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                            health_pb2.HealthCheckResponse.NOT_SERVING)
+    with ServerThread(tiny_config(free_port()), lambda _config: tiny_model,
+                      load=False) as running:
+        assert serving_gauge(running) == dict.fromkeys(services, 0.0)  # loading
+        assert health_status(running, SERVICE_NAME) == not_serving
+        running.load()
+        assert serving_gauge(running) == dict.fromkeys(services, 1.0)
+        assert health_status(running, SERVICE_NAME) == serving
+        stop_model_thread(running)
+        assert serving_gauge(running) == dict.fromkeys(services, 0.0)
+        assert health_status(running, "") == not_serving
+
+
 def test_rules_read_only_exported_metrics_and_labels(loaded_server):
     samples: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(loaded_server.metrics_text()):
@@ -169,10 +221,13 @@ def test_real_prometheus_evaluates_the_rules_and_raises_availability_alerts(
         loaded_server, tiny_model, tmp_path):
     dead = f"127.0.0.1:{free_port()}"
     with ServerThread(tiny_config(free_port()), lambda _config: tiny_model,
-                      load=False) as loading:
+                      load=False) as loading, \
+            ServerThread(tiny_config(free_port()), lambda _config: tiny_model) as broken:
+        stop_model_thread(broken)  # loaded, NOT_SERVING, and nobody calls it from here on
         healthy = f"127.0.0.1:{loaded_server.config.metrics_port}"
         still_loading = f"127.0.0.1:{loading.config.metrics_port}"
-        with running_prometheus([healthy, still_loading, dead], tmp_path,
+        idle_not_serving = f"127.0.0.1:{broken.config.metrics_port}"
+        with running_prometheus([healthy, still_loading, idle_not_serving, dead], tmp_path,
                                 rule_files=[str(RULES)]) as prometheus:
             port = prometheus.port
 
@@ -192,7 +247,8 @@ def test_real_prometheus_evaluates_the_rules_and_raises_availability_alerts(
                 return {(a["labels"]["alertname"], a["labels"]["instance"]): a["state"]
                         for a in found}
 
-            wanted = {("NetVLADServerDown", dead), ("NetVLADModelNotLoaded", still_loading)}
+            wanted = {("NetVLADServerDown", dead), ("NetVLADModelNotLoaded", still_loading),
+                      ("NetVLADNotServing", idle_not_serving)}
             raised = poll(lambda: wanted <= set(alerts()) and alerts(), 60,
                           lambda: f"alerts {sorted(wanted)}, got {alerts()}")
             assert set(raised) == wanted, raised

@@ -338,8 +338,10 @@ def two_classes(run: Recorder, observer: Observer | None = None, **policy: objec
                 ) -> DynamicBatcher:
     """A started batcher with classes "hi" (ahead) and "lo", 4 places each unless given."""
     sizes = policy.pop("sizes", (4, 4))
+    steps = policy.pop("steps", None)
     classes = (PriorityClass("hi", sizes[0]), PriorityClass("lo", sizes[1]))
-    batcher = DynamicBatcher(run, BatchingPolicy(classes=classes, **policy), observer=observer)
+    batcher = DynamicBatcher(run, BatchingPolicy(classes=classes, **policy), observer=observer,
+                             run_in_steps=steps)
     batcher.start()
     return batcher
 
@@ -526,3 +528,103 @@ def test_after_a_higher_batch_lower_work_lingers_for_the_next_higher_request():
     # request waits behind it; lingering 0.5 s (cut short by the request) keeps the model for it.
     assert asyncio.run(scenario(0.0)) == [1, 2, 100, 3, 4, 101]
     assert asyncio.run(scenario(0.5)) == [1, 2, 100, 101, 3, 4]
+
+
+class StepRecorder(Recorder):
+    """Recorder with stepped batches: each step is recorded (and gated) as a batch."""
+
+    def __init__(self, fail_on: object = None) -> None:
+        super().__init__(fail_on)
+        self.finished: list[list[int]] = []  # the batches completed after their last step
+
+    def steps(self, items: list[tuple[str, int]], step: int):
+        for start in range(0, len(items), step):
+            if start:
+                yield
+            self(items[start:start + step])
+        self.finished.append([value for _, value in items])
+        return [value * 10 for _, value in items]
+
+
+def test_a_stepped_lower_batch_lets_higher_work_run_between_its_steps():
+    async def scenario():
+        run = StepRecorder()
+        observer = Observer()
+        batcher = two_classes(run, observer, max_batch_size=4, max_queue_delay=0.0,
+                              mixed_batch_size=1, steps=run.steps)
+        run.gate.clear()
+        low = submit_in(batcher, "lo", "k", 1, 2, 3, 4)
+        await wait_entered(run)  # the batch's first step holds the model
+        high = submit_in(batcher, "hi", "k", 100, 101)
+        run.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*low, *high), 10)
+        await batcher.close()
+        return run, observer, results
+
+    run, observer, results = asyncio.run(scenario())
+    assert results == [10, 20, 30, 40, 1000, 1010]
+    # hi waited for one step of lo's batch, not for the whole batch; lo's batch stayed whole
+    # (4 items, completed once) and was not shrunk to the step size.
+    assert [[v for _, v in batch] for batch in run.batches] == [[1], [100, 101], [2], [3], [4]]
+    assert run.finished == [[1, 2, 3, 4]]
+    assert observer.classes == ["hi", "lo"] and observer.sizes == [2, 4]
+
+
+def test_a_paused_batch_takes_a_step_after_at_most_max_skips_higher_batches():
+    async def scenario():
+        run = StepRecorder()
+        batcher = two_classes(run, max_batch_size=3, max_queue_delay=0.0, max_skips=2,
+                              mixed_batch_size=1, sizes=(8, 8), steps=run.steps)
+        run.gate.clear()
+        low = submit_in(batcher, "lo", "k", 1, 2, 3)
+        await wait_entered(run)
+        high = [f for key in "abcdef" for f in submit_in(batcher, "hi", key, ord(key))]
+        run.gate.set()
+        await asyncio.wait_for(asyncio.gather(*low, *high), 10)
+        await batcher.close()
+        return run
+
+    # Each key of hi is a batch of its own; the started lo batch never waits for more than two.
+    a, b, c, d, e, f = (ord(key) for key in "abcdef")
+    assert asyncio.run(scenario()).values_run == [1, a, b, 2, c, d, 3, e, f]
+
+
+def test_a_failing_step_fails_its_batch_only():
+    async def scenario():
+        run = StepRecorder(fail_on="bad")
+        batcher = two_classes(run, max_batch_size=4, max_queue_delay=0.0, mixed_batch_size=2,
+                              steps=run.steps)
+        bad = submit_in(batcher, "lo", "bad", 1, 2, 3)
+        outcome = await asyncio.gather(*bad, return_exceptions=True)
+        good = await asyncio.wait_for(asyncio.gather(*submit_in(batcher, "lo", "k", 4, 5, 6)),
+                                      10)
+        await batcher.close()
+        return run, outcome, good
+
+    run, outcome, good = asyncio.run(scenario())
+    assert all(isinstance(error, BatchFailedError) and "cannot run key bad" in str(error)
+               for error in outcome)
+    assert good == [40, 50, 60] and run.finished == [[4, 5, 6]]
+
+
+def test_a_paused_batch_lingers_for_the_next_higher_request():
+    async def scenario(linger: float):
+        run = StepRecorder()
+        batcher = two_classes(run, max_batch_size=3, max_queue_delay=0.0, mixed_batch_size=1,
+                              linger=linger, steps=run.steps)
+        run.gate.clear()
+        low = submit_in(batcher, "lo", "k", 1, 2, 3)
+        await wait_entered(run)
+        first = submit_in(batcher, "hi", "k", 100)
+        run.gate.set()
+        await asyncio.wait_for(asyncio.gather(*first), 10)
+        await asyncio.sleep(0.05)  # a caller's turnaround: answer out, next request in
+        second = submit_in(batcher, "hi", "k", 101)
+        await asyncio.wait_for(asyncio.gather(*low, *second), 10)
+        await batcher.close()
+        return run.values_run
+
+    # Without linger the paused batch finishes its steps in the turnaround; with it, the next
+    # higher request (cutting the 0.5 s short) goes before the paused batch's next step.
+    assert asyncio.run(scenario(0.0)) == [1, 100, 2, 3, 101]
+    assert asyncio.run(scenario(0.5)) == [1, 100, 101, 2, 3]

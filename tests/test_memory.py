@@ -1,6 +1,7 @@
 """The server's memory footprint: one trace whatever the image size, one copy of each weight,
-descriptors unchanged by holding the kernels as captured tensors, the allocator settings, and
-the keeper that returns free heap pages after new batch shapes and idle spells."""
+descriptors unchanged by holding the kernels as captured tensors, the allocator settings, the
+keeper that returns free heap pages after new batch shapes and idle spells, and the release of
+library pages after warm-up."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from netvlad_server.runtime import (
     MemoryKeeper,
     build_network,
     heap_allocator,
+    library_mappings,
     prefer_returning_memory,
     release_free_memory,
+    release_library_pages,
 )
 from netvlad_server.weights import CONV_LAYERS
 
@@ -108,6 +111,65 @@ def test_release_free_memory_returns_heap_pages():
     assert proc_status()["RssAnon"] < before - 100 * 2**20
 
 
+def _mapping_rss_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path` (smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_library_mappings_are_read_only_private_mappings_of_code_files():
+    maps = "\n".join([
+        "7f0000000000-7f0000100000 r--p 00000000 08:01 11 /opt/lib/libtf.so.2",
+        "7f0000100000-7f0000300000 r-xp 00100000 08:01 11 /opt/lib/libtf.so.2",
+        "7f0000300000-7f0000310000 r--p 00300000 08:01 11 /opt/lib/libtf.so.2",  # relro
+        "7f0000310000-7f0000320000 rw-p 00310000 08:01 11 /opt/lib/libtf.so.2",
+        "7f0000400000-7f0000500000 r--s 00000000 08:01 12 /srv/index/places.bin",
+        "7f0000500000-7f0000600000 r--p 00000000 08:01 13 /srv/models/weights.npz",
+        "7f0000600000-7f0000700000 rw-p 00000000 00:00 0",
+        "7ffd00000000-7ffd00001000 r-xp 00000000 00:00 0 [vdso]",
+    ])
+    assert library_mappings(maps) == [(0x7F0000000000, 0x7F0000100000),
+                                       (0x7F0000100000, 0x7F0000300000),
+                                       (0x7F0000300000, 0x7F0000310000)]
+
+
+def test_release_library_pages_drops_resident_code_pages_and_keeps_data_files(tmp_path):
+    """A code-like file mapped read+exec, touched, is handed back; a data file mapped read-only
+    stays resident; the code pages read back the same bytes afterwards."""
+    import mmap
+
+    size = 32 * 2**20
+    content = np.random.default_rng(0).integers(0, 256, size, np.uint8).tobytes()
+    code, data = tmp_path / "libfake.so", tmp_path / "data.bin"
+    code.write_bytes(content)
+    data.write_bytes(content)
+    with code.open("rb") as c, data.open("rb") as d:
+        try:
+            code_map = mmap.mmap(c.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                                 prot=mmap.PROT_READ | mmap.PROT_EXEC)
+        except PermissionError:
+            pytest.skip(f"{tmp_path} is mounted noexec")
+        data_map = mmap.mmap(d.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        try:
+            assert code_map[:] == content and data_map[:] == content  # every page touched
+            assert _mapping_rss_kib(code) > 30 * 1024 and _mapping_rss_kib(data) > 30 * 1024
+            advised = release_library_pages()
+            if advised == 0:
+                pytest.skip("this kernel has no MADV_PAGEOUT (Linux 5.4+)")
+            assert advised >= size
+            assert _mapping_rss_kib(code) < 1024, "the code file's pages stayed resident"
+            assert _mapping_rss_kib(data) > 30 * 1024, "a data file's pages were dropped"
+            assert code_map[:] == content  # read back from the file, unchanged
+        finally:
+            code_map.close()
+            data_map.close()
+
+
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 
 
@@ -130,7 +192,8 @@ def test_this_process_runs_glibc_malloc_and_trims_it():
     assert heap_allocator() == "glibc"  # pytest runs without LD_PRELOAD
 
 
-def test_server_under_jemalloc_serves_the_same_descriptors_and_logs_it(tmp_path):
+def test_server_under_jemalloc_releases_library_pages_serves_the_same_descriptors_and_logs_it(
+        tmp_path):
     from client_support import TINY_FLAGS, random_image, reference
     from netvlad_client import NetVLADClient
     from netvlad_client.bench.harness import ServerProcess
@@ -147,6 +210,7 @@ def test_server_under_jemalloc_serves_the_same_descriptors_and_logs_it(tmp_path)
                                            rtol=0, atol=1e-6)
         log = server.tail(400)
     assert f"heap allocator: jemalloc (MALLOC_CONF {conf!r}" in log, log
+    assert "library pages released (" in log, log  # before SERVING; the answers above follow it
 
 
 _PURGE_UNDER_JEMALLOC = """
@@ -239,22 +303,30 @@ def test_keeper_trims_after_new_shapes_and_once_per_idle_spell(tiny_weights):
 
 
 @pytest.mark.slow
-def test_full_size_server_idles_far_below_the_old_footprint(tmp_path):
-    """In the container image's configuration (jemalloc). Measured idle after batches: 1.21 GB on
-    a quiet machine, up to 1.44 GB in a clean-clone CI run on a busy one, against 2.4-2.7 GB
-    before (docs/BENCHMARKS.md). The issue's 1.4 GB goal is not reliably met, so this guards
-    the reduction with room for that spread rather than claiming the goal."""
+def test_full_size_server_idles_under_the_goal(tmp_path):
+    """In the container image's configuration (jemalloc), after batches, once the keeper's idle
+    purge has run: under 1.35e9 bytes, so a busier machine's spread stays under the 1.4 GB goal
+    (measured 1.27-1.28e9 with library pages shared with this test process, 0.96e9 for a
+    server alone with its libraries; docs/BENCHMARKS.md). The anonymous part alone (weights
+    once, TensorFlow's and Python's heap) stays under 1.0e9: a second copy of the whitening
+    matrix would add 0.54e9."""
     from netvlad_client import NetVLADClient
-    from netvlad_client.bench.harness import ServerProcess
+    from netvlad_client.bench.harness import ServerProcess, proc_status
 
+    goal = 1.35e9  # GB = 10^9 bytes
     images = [np.random.default_rng(i).integers(0, 256, (240, 320, 3), np.uint8)
               for i in range(8)]
     with ServerProcess(tmp_path / "server.log", "--model", "demo", "--warmup-sizes", "240x320",
-                       metrics_port=0,
+                       "--log-level", "INFO", metrics_port=0,
                        env={**image_allocator_env(), "CUDA_VISIBLE_DEVICES": ""}) as server:
         server.wait_serving(timeout=300)
         with NetVLADClient(server.target) as client:
             for _ in range(3):
                 assert client.describe(images, batch_size=8, timeout=120).shape == (8, 4096)
-        time.sleep(IDLE_TRIM_SECONDS + 2)  # the keeper's idle trim
-        assert server.rss_bytes() < 1.6e9, server.tail()  # GB = 10^9 bytes
+        time.sleep(IDLE_TRIM_SECONDS + 2)  # the keeper's idle purge
+        # On a loaded machine the purge thread may run late: allow it 30 s more, no longer.
+        assert _eventually(lambda: server.rss_bytes() < goal, timeout=30), server.tail()
+        status = proc_status(server.pid)
+        assert status["RssAnon"] < 1.0e9, status
+        log = server.tail(400)
+    assert "library pages released" in log or "library pages stay resident" in log, log

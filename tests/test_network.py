@@ -65,6 +65,17 @@ def test_batch_equals_images_one_at_a_time(tiny_net, tiny_weights):
     assert not np.allclose(together[0], together[1])  # rows really are different images
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_two_stages_in_steps_give_the_whole_forward(tiny_weights, precision):
+    net = NetVLADNetwork(tiny_weights, precision)
+    images = np.random.default_rng(5).integers(0, 256, (5, 40, 56, 3), dtype=np.uint8)
+    pooled = np.concatenate([net.pooled(images[:2]), net.pooled(images[2:])])
+    assert pooled.shape == (5, net.cluster_dim * net.num_clusters)
+    np.testing.assert_allclose(net.whiten(pooled), net(images), atol=1e-6)
+    with pytest.raises(TypeError, match="uint8"):
+        net.pooled(images.astype(np.float32))
+
+
 def test_new_image_sizes_reuse_one_graph(tiny_weights):
     net = NetVLADNetwork(tiny_weights)
     for shape in [(16, 16, 3), (1, 30, 20, 1), (3, 64, 17, 3), (2, 201, 300, 3)]:

@@ -94,6 +94,25 @@ def test_interactive_work_runs_ahead_of_queued_bulk_work(tiny_model, network):
         assert durations == {("bulk", "DescribeImages"): 4, ("interactive", "DescribeImages"): 2}
 
 
+def test_interactive_work_runs_between_the_steps_of_a_running_bulk_batch(tiny_model, network):
+    with Held(tiny_model, max_batch_size=4, mixed_bulk_batch_size=1, max_queue_delay_ms=0.0,
+              max_images_per_request=4) as held:
+        bulk = pictures(4, 20)
+        bulk_call = held.park(request(bulk, BULK), TIMEOUT)  # its first step holds the model
+        urgent = pictures(1, 24)
+        urgent_call = held.send(urgent, INTERACTIVE)
+        held.wait_depth(1)
+        held.model.gate.set()
+        np.testing.assert_allclose(rows(urgent_call.result()), network(np.stack(urgent)),
+                                   atol=1e-5)
+        # The bulk batch of four, computed in steps of one with a whitening for all four at the
+        # end, gives the network's descriptors.
+        np.testing.assert_allclose(rows(bulk_call.result()), network(np.stack(bulk)), atol=1e-5)
+        assert held.heights_run() == [20, 24, 20, 20, 20]
+        wait_for(lambda: held.samples("netvlad_class_queue_wait_seconds_count") == {
+            ("bulk",): 4, ("interactive",): 1}, what="both batches to be counted")
+
+
 def test_a_full_bulk_queue_refuses_bulk_work_but_admits_interactive_work(tiny_model, network):
     with Held(tiny_model, max_batch_size=4, max_queue_delay_ms=0.0, max_queue_size=4,
               max_bulk_queue_size=8, max_images_per_request=4) as held:

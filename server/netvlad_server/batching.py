@@ -30,12 +30,21 @@ and a batch that started always finishes. When the worker is free, the next batc
 Passing over a class that has a ready batch counts as one skip for it; running one of its
 batches, or having nothing queued, resets its count.
 
-What bounds a higher class's wait is the batch already running when its work arrives, most
-often a lower class's batch. So with `mixed_batch_size` set, a lower class's batches hold at
-most that many items while a higher class is active (work submitted to it within the last
-`mixed_window` seconds), and `max_batch_size` items otherwise: a lower class alone keeps the
-larger batches, and when the higher class's work comes again it finds at most a
-`mixed_batch_size` batch in its way.
+What bounds a higher class's wait is the work already running when it arrives, most often a
+lower class's batch. `mixed_batch_size` bounds that work in one of two ways:
+
+- *Stepped batches* (when the batcher is given `run_in_steps`): a lower class's batch keeps up to
+  `max_batch_size` items but is computed in steps of at most `mixed_batch_size` items. Between
+  two steps, queued work of a higher class runs first: up to `max(1, max_skips)` of its batches
+  (lingering between them as below), then the paused batch takes its next step, so a started
+  batch always finishes. A step is never interrupted, and nothing is computed twice: the model
+  keeps the finished steps' partial results and completes the batch after its last step (the
+  network runs its convolutions per step and its whitening, a per-call cost, once per batch).
+- Otherwise, a lower class's batches hold at most `mixed_batch_size` items while a higher class
+  is active (work submitted to it within the last `mixed_window` seconds), and `max_batch_size`
+  items otherwise.
+
+Either way, a higher class's work finds at most `mixed_batch_size` items' computation in its way.
 
 A caller that sends its next request as soon as it has an answer would still find a lower
 class's batch started in the instant between the two. So, with `linger` set, once a batch of a
@@ -52,7 +61,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Generator, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -60,6 +69,8 @@ from typing import Generic, Protocol, TypeVar
 log = logging.getLogger(__name__)
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
+# A stepped batch: each next() computes one step; the generator returns the batch's results.
+Steps = Generator[None, None, Sequence[ResultT]]
 
 
 class QueueFullError(RuntimeError):
@@ -179,8 +190,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         observer: BatchObserver | None = None,
         thread_name: str = "batcher",
         on_stopped: Callable[[BaseException], None] | None = None,
+        run_in_steps: Callable[[list[ItemT], int], Steps[ResultT]] | None = None,
     ) -> None:
         self._run = run
+        # (items, step size) -> Steps; used for lower classes' batches when mixed_batch_size
+        # is set (module docstring).
+        self._run_in_steps = run_in_steps if policy.mixed_batch_size else None
         self._on_stopped = on_stopped
         self.policy = policy
         self._observer = observer
@@ -325,7 +340,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     def _batch_size(self, cls: _Class[ItemT, ResultT], now: float) -> int:
         """Most items in a batch of `cls` now: mixed_batch_size while a higher class is active."""
         policy = self.policy
-        if policy.mixed_batch_size and any(
+        if policy.mixed_batch_size and self._run_in_steps is None and any(
                 higher.last_submit >= now - policy.mixed_window
                 for higher in self._classes[:cls.rank]):
             return min(policy.mixed_batch_size, policy.max_batch_size)
@@ -420,10 +435,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 continue
             batch = self._take(cls, key, now)
             if batch:
-                await self._execute(cls.name, batch)
+                await self._execute(cls, batch)
                 cls.last_done = time.monotonic()
 
-    async def _execute(self, class_name: str, batch: list[_Entry[ItemT, ResultT]]) -> None:
+    async def _execute(self, cls: _Class[ItemT, ResultT],
+                       batch: list[_Entry[ItemT, ResultT]]) -> None:
         """Run one batch on the worker thread and hand each caller its result (or the error)."""
         assert self._loop is not None and self._executor is not None
         items = [entry.item for entry in batch]
@@ -432,13 +448,19 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         failure: str | None = None
         cause: Exception | None = None
         results: Sequence[ResultT] = ()
+        computing = 0.0  # seconds of the batch's own steps, without work run between them
         try:
-            results = await self._loop.run_in_executor(self._executor, self._run, items)
+            step = self.policy.mixed_batch_size
+            if self._run_in_steps is not None and cls.rank > 0 and len(items) > step:
+                results, computing = await self._stepped(cls, items, step)
+            else:
+                results = await self._loop.run_in_executor(self._executor, self._run, items)
+                computing = time.monotonic() - start
             if len(results) != len(items):
                 failure = f"run returned {len(results)} results for a batch of {len(items)}"
         except Exception as exc:
             failure, cause = f"{type(exc).__name__}: {exc}", exc
-        elapsed = time.monotonic() - start
+        elapsed = computing or time.monotonic() - start
         for i, entry in enumerate(batch):
             if entry.future.done():
                 continue  # cancelled while running
@@ -449,5 +471,56 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 error.__cause__ = cause
                 entry.future.set_exception(error)
         if self._observer is not None:
-            self._observer.batch_done(class_name, len(batch), waits, elapsed,
-                                      failure is not None)
+            self._observer.batch_done(cls.name, len(batch), waits, elapsed, failure is not None)
+
+    async def _stepped(self, cls: _Class[ItemT, ResultT], items: list[ItemT],
+                       step: int) -> tuple[Sequence[ResultT], float]:
+        """Compute a lower class's batch step by step, higher classes' work going in between.
+
+        Returns the results and the seconds its own steps took.
+        """
+        assert self._loop is not None and self._executor is not None and self._run_in_steps
+        steps = self._run_in_steps(items, step)
+        computing = 0.0
+        while True:
+            began = time.monotonic()
+            done, results = await self._loop.run_in_executor(self._executor, _advance, steps)
+            computing += time.monotonic() - began
+            if done:
+                return results, computing
+            await self._between_steps(cls)
+
+    async def _between_steps(self, paused: _Class[ItemT, ResultT]) -> None:
+        """Run up to max(1, max_skips) batches of classes above `paused`, lingering between."""
+        higher = self._classes[:paused.rank]
+        for _ in range(max(1, self.policy.max_skips)):
+            now = time.monotonic()
+            cls = next((c for c in higher if c.queues), None)
+            if cls is None:
+                lingered = max(c.last_done for c in higher) + self.policy.linger
+                if lingered <= now or self._closing:
+                    return
+                self._lingering = True
+                try:
+                    await self._sleep(lingered - now)
+                finally:
+                    self._lingering = False
+                if not any(c.queues for c in higher):
+                    return
+                continue
+            key, _ = self._ready_key(cls, now)
+            if key is None:  # the model is free now: waiting out the delay would idle it
+                key = min(cls.queues, key=lambda k: cls.queues[k][0].enqueued)
+            batch = self._take(cls, key, now)
+            if batch:
+                await self._execute(cls, batch)
+                cls.last_done = time.monotonic()
+
+
+def _advance(steps: Steps[ResultT]) -> tuple[bool, Sequence[ResultT]]:
+    """Compute one step: (False, ()) while more remain, (True, results) after the last."""
+    try:
+        next(steps)
+    except StopIteration as finished:
+        return True, finished.value
+    return False, ()

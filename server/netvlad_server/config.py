@@ -112,9 +112,9 @@ SERVER_OPTIONS: tuple[Option, ...] = (
           "most bulk-priority images waiting for the model (0: the same as --max-queue-size); "
           "a full bulk queue never refuses interactive requests"),
     _flag("mixed-bulk-batch-size", int_range(0, 4096), 0,
-          "most images in a bulk batch while interactive requests are arriving (one in the last "
-          "10 s), so an interactive request finds at most that in its way (0: a quarter of "
-          "--max-batch-size, rounded up; --max-batch-size: bulk batches never shrink)"),
+          "bulk batches are computed in steps of at most this many images, and interactive "
+          "requests run between two steps, so one finds at most a step in its way (0: a quarter "
+          "of --max-batch-size, rounded up; --max-batch-size: one step per batch)"),
     _flag("default-priority", choice(PRIORITIES, str.lower), "interactive",
           "priority class of requests that leave it unspecified", choices=PRIORITIES),
     _flag("max-images-per-request", int_range(1), 64, "most images in one request"),

@@ -40,11 +40,13 @@ from netvlad_server.service import (
     add_descriptor_service,
     batching_policy,
     make_batch_runner,
+    make_stepped_runner,
 )
 
 log = logging.getLogger("netvlad_server")
 ModelLoader = Callable[[ServerConfig], LoadedModel]
 _HEALTH_NAMES = ("", SERVICE_NAME, PLACES_SERVICE_NAME)
+_SERVING_GAUGE_NAMES = _HEALTH_NAMES[1:]  # netvlad_serving{service}; "" is the whole server
 _DEMO_WARNING = (
     "DEMO WEIGHTS (%s): random weights, the descriptors MEAN NOTHING and are only good for trying "
     "the software; pass --model with the official checkpoint directory or zip, a structed .mat or "
@@ -79,17 +81,21 @@ def load_model(config: ServerConfig) -> LoadedModel:
         device=network.device, tensorflow_version=tf.__version__,
         weights_sha256=weights.fingerprint)
     # Free heap pages go back to the system after new batch shapes and idle spells.
-    return LoadedModel(forward=MemoryKeeper(network), truncate=truncate_descriptors,
-                       description=description)
+    keeper = MemoryKeeper(network)
+    return LoadedModel(forward=keeper, truncate=truncate_descriptors, description=description,
+                       stages=(keeper.track(network.pooled), keeper.track(network.whiten)))
 
 
-def warm_up(model: LoadedModel, config: ServerConfig) -> None:
+def warm_up(model: LoadedModel, config: ServerConfig, release_libraries: bool = False) -> None:
     """Run each expected image size once so the first real request pays no tracing cost.
 
     oneDNN sets up a new batch size in well under a call's time, so batch 1 is enough; XLA
     compiles every batch shape anew (about a second each), so under XLA every batch size runs.
+    With release_libraries (the netvlad-server process, not a server embedded in another
+    program), the library pages start-up touched are then handed back and the first size runs
+    once more, so that the pages a forward pass needs are resident again before SERVING.
     """
-    from netvlad_server.runtime import release_free_memory
+    from netvlad_server.runtime import release_free_memory, release_library_pages, resident_mib
 
     batches = range(1, config.max_batch_size + 1) if config.xla else (1,)
     for height, width in config.warmup_sizes:
@@ -98,14 +104,30 @@ def warm_up(model: LoadedModel, config: ServerConfig) -> None:
             model.forward(np.zeros((batch, height, width, 3), np.uint8))
         log.info("warm-up %dx%d: %.2f s", height, width, time.perf_counter() - start)
     release_free_memory()  # what loading and warm-up freed, before the long steady state
+    if not release_libraries:
+        return
+    start, before = time.perf_counter(), resident_mib()
+    advised = release_library_pages()
+    if not advised:
+        log.info("library pages stay resident: this kernel has no MADV_PAGEOUT (Linux 5.4+)")
+        return
+    for height, width in config.warmup_sizes[:1]:
+        model.forward(np.zeros((1, height, width, 3), np.uint8))
+    release_free_memory()
+    log.info("library pages released (%d MiB of read-only mappings advised): RSS %.0f -> %.0f "
+             "MiB with a forward pass's pages back, in %.2f s", advised >> 20, before,
+             resident_mib(), time.perf_counter() - start)
 
 
 class NetVLADServer:
     """The whole server in one object: start() listens, load() makes it SERVING, stop() drains."""
 
-    def __init__(self, config: ServerConfig, loader: ModelLoader = load_model) -> None:
+    def __init__(self, config: ServerConfig, loader: ModelLoader = load_model,
+                 release_libraries: bool = False) -> None:
         self.config = config
+        self._release_libraries = release_libraries  # warm_up's; the server process's own
         self.metrics = ServerMetrics(config.max_batch_size)
+        self.metrics.set_serving(_SERVING_GAUGE_NAMES, False)  # health starts NOT_SERVING
         self._loader = loader
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         self.service = DescriptorService(config, self.metrics, self._decode_pool)
@@ -167,6 +189,7 @@ class NetVLADServer:
         """The scheduler died: report NOT_SERVING so probes restart the process (it cannot heal)."""
         if self.health is not None:
             health_service = self.health
+            self.metrics.set_serving(_SERVING_GAUGE_NAMES, False)
             self._not_serving = asyncio.ensure_future(asyncio.gather(*(
                 health_service.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
                 for name in _HEALTH_NAMES)))
@@ -201,10 +224,11 @@ class NetVLADServer:
                  d.device, d.tensorflow_version, time.perf_counter() - start)
         if d.demo:
             log.warning(_DEMO_WARNING, d.weight_source)
-        await asyncio.to_thread(warm_up, model, config)
+        await asyncio.to_thread(warm_up, model, config, self._release_libraries)
         self._batcher = DynamicBatcher(make_batch_runner(model), batching_policy(config),
                                        observer=self.metrics, thread_name="model",
-                                       on_stopped=self._batcher_stopped)
+                                       on_stopped=self._batcher_stopped,
+                                       run_in_steps=make_stepped_runner(model))
         self._batcher.start()
         self.service.attach(model, self._batcher)
         await self.places.attach(d)
@@ -214,6 +238,7 @@ class NetVLADServer:
         assert self.health is not None
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.set_serving(_SERVING_GAUGE_NAMES, True)
         log.info("SERVING: max_batch_size %d, max_queue_delay %.1f ms, queues of %d interactive "
                  "and %d bulk images (default priority %s), max %d images per request, default "
                  "resize %s", config.max_batch_size, config.max_queue_delay_ms,
@@ -225,13 +250,19 @@ class NetVLADServer:
         grace = self.config.shutdown_grace_s if grace is None else grace
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
+        self.metrics.set_serving(_SERVING_GAUGE_NAMES, False)
         self.service.begin_shutdown()
         if self._server is not None:
             log.info("draining: %d image(s) queued, up to %.0f s for admitted requests",
                      self.queue_depth, grace)
             await self._server.stop(grace)
         if self._batcher is not None:
-            await self._batcher.close()
+            try:
+                await self._batcher.close()
+            except Exception:
+                if self._not_serving is None:
+                    raise
+                # The scheduler's own failure, logged when it stopped: draining goes on.
         await self.places.close()
         self._decode_pool.shutdown(wait=True)
         if self._metrics_http is not None:
@@ -244,7 +275,7 @@ class NetVLADServer:
 
 async def serve(config: ServerConfig, loader: ModelLoader = load_model) -> int:
     """Run the server until SIGTERM/SIGINT; returns the process exit code."""
-    server = NetVLADServer(config, loader)
+    server = NetVLADServer(config, loader, release_libraries=True)  # this process is ours
     await server.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -5,8 +5,10 @@ netvlad_images_total, netvlad_image_errors_total{reason}, netvlad_batch_size,
 netvlad_queue_wait_seconds, netvlad_inference_seconds, netvlad_request_duration_seconds{method},
 netvlad_queue_depth, netvlad_auth_failures_total{reason} (calls refused for a missing or
 invalid bearer token, never reaching a method) and
-netvlad_model_info{model,precision,output_dims,format,demo}, plus the standard process_*
-series (process_resident_memory_bytes for the RSS alert of deploy/prometheus/alerts.yml).
+netvlad_model_info{model,precision,output_dims,format,demo},
+netvlad_serving{service} (1 while the gRPC health service of that name says SERVING, 0 while
+loading, draining or after the model thread stopped), plus the standard process_* series
+(process_resident_memory_bytes for the RSS alert of deploy/prometheus/alerts.yml).
 
 The same by priority class (label `class`: interactive or bulk; the series above stay the totals
 over both classes): netvlad_class_requests_total{class,method,code} and
@@ -89,6 +91,9 @@ class ServerMetrics:
                                           ["method"], buckets=LATENCY_BUCKETS, registry=reg)
         self.depth = Gauge("netvlad_queue_depth", "Images waiting in the queue", registry=reg)
         self.model_info = Info("netvlad_model", "The loaded model", registry=reg)
+        self.serving = Gauge("netvlad_serving", "1 while the gRPC health service named by "
+                             "`service` answers SERVING, 0 while NOT_SERVING (loading, draining, "
+                             "model thread stopped)", ["service"], registry=reg)
         self.auth_failures = Counter("netvlad_auth_failures", "Calls refused UNAUTHENTICATED, by "
                                      "reason (missing or invalid bearer token)", ["reason"],
                                      registry=reg)
@@ -164,6 +169,11 @@ class ServerMetrics:
             self.class_limit.labels(name).set(limit)
             self.class_depth.labels(name)
             self.class_queue_wait.labels(name)
+
+    def set_serving(self, services: Sequence[str], serving: bool) -> None:
+        """Publish the health state just given to these gRPC service names."""
+        for name in services:
+            self.serving.labels(name).set(1 if serving else 0)
 
     def auth_refused(self, reason: str) -> None:
         """Count one call refused for its bearer token ("missing" or "invalid")."""

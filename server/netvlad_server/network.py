@@ -113,7 +113,10 @@ class NetVLADNetwork:
     """Image batches in, whitened unit-length NetVLAD descriptors out; weights loaded once."""
 
     def __init__(self, weights: NetVLADWeights, precision: str = "float32", xla: bool = False,
-                 device: str | None = None):
+                 device: str | None = None, whitening: bool = True):
+        """whitening False: no TensorFlow copy of the whitening matrix (the int8 path runs it
+        in LiteRT); only pooled and pooled_from_features work then."""
+        self._with_whitening = whitening
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
         self.precision = precision
@@ -134,8 +137,19 @@ class NetVLADNetwork:
         self._all_layers = tf.function(
             self._layers, input_signature=[tf.TensorSpec([None, None, None, None], tf.float32),
                                            offset])
+        # The two stages of a stepped batch (pooled, whiten): see those methods.
+        self._pooled_uint8 = tf.function(
+            lambda x: self._tail(self._convolutions(tf.cast(x, tf.float32), self._mean,
+                                                    self._convs)[-1], whiten=False)[-1],
+            input_signature=[tf.TensorSpec([None, None, None, None], tf.uint8)])
+        self._whitened = tf.function(
+            lambda x: self._whiten(x)[-1],
+            input_signature=[tf.TensorSpec([None, None], tf.float32)])
         self._from_features = tf.function(  # the int8 path's float32 tail (tflite.py)
             lambda x: self._tail(x)[-1],
+            input_signature=[tf.TensorSpec([None, None, None, None], tf.float32)])
+        self._pooled_from_features = tf.function(  # the same without the whitening (int8.py)
+            lambda x: self._tail(x, whiten=False)[-1],
             input_signature=[tf.TensorSpec([None, None, None, None], tf.float32)])
 
     def _build_tensors(self, weights: NetVLADWeights) -> None:
@@ -162,7 +176,8 @@ class NetVLADNetwork:
         self._centers = tf.constant(np.reshape(t["cluster_centers"], [dims, clusters]))  # D x K
         wpca = t["WPCA/kernel"]
         self.output_dims = int(wpca.shape[-1])
-        self._wpca = tf.constant(np.reshape(wpca, [dims * clusters, self.output_dims]))  # DK x P
+        self._wpca = (tf.constant(np.reshape(wpca, [dims * clusters, self.output_dims]))  # DK x P
+                      if self._with_whitening else None)
         self._wpca_bias = tf.constant(t["WPCA/bias"])  # [P]
         # tf.constant leaves a second, temporary copy of a large array until the next eager
         # operation: let it go now rather than at the first request (0.5 GB for the WPCA).
@@ -196,8 +211,8 @@ class NetVLADNetwork:
                 out.append(x)
         return out
 
-    def _tail(self, conv5: tf.Tensor) -> list[tf.Tensor]:
-        """The layers after conv5_3 (preL2 to finalL2), in float32, from conv5_3's output."""
+    def _tail(self, conv5: tf.Tensor, whiten: bool = True) -> list[tf.Tensor]:
+        """The layers after conv5_3 (preL2 to finalL2, or to postL2 without `whiten`), float32."""
         out: list[tf.Tensor] = []
         d, k = self.cluster_dim, self.num_clusters
         x = _l2_max(tf.cast(conv5, tf.float32), axis=-1)  # [B, H', W', D]
@@ -213,10 +228,15 @@ class NetVLADNetwork:
         out.append(vlad)
         flat = _l2_plus(tf.reshape(vlad, [batch, d * k]), axis=-1)  # D-major: V[d,k] -> d*K + k
         out.append(flat)
+        return out + self._whiten(flat) if whiten else out
+
+    def _whiten(self, flat: tf.Tensor) -> list[tf.Tensor]:
+        """WPCA [B, P] and finalL2 [B, P] from postL2 [B, D*K]."""
+        if self._wpca is None:
+            raise RuntimeError("this network was built without its whitening (whitening=False):"
+                               " it gives postL2 rows only (pooled, pooled_from_features)")
         whitened = tf.matmul(flat, self._wpca) + self._wpca_bias  # [B, P]
-        out.append(whitened)
-        out.append(_l2_max(whitened, axis=-1))
-        return out
+        return [whitened, _l2_max(whitened, axis=-1)]
 
     def __call__(self, images: np.ndarray, dims: int | None = None) -> np.ndarray:
         """Describe images [B,H,W,C] or [H,W,C] (uint8 or float 0..255) as float32 [B, dims]."""
@@ -259,6 +279,35 @@ class NetVLADNetwork:
         """
         with tf.device(self.device):
             return self._from_features(np.asarray(features, np.float32)).numpy()
+
+    def pooled_from_features(self, features: np.ndarray) -> np.ndarray:
+        """postL2 rows [B, D*K] from conv5_3 outputs: descriptors_from_features but for the
+        whitening, which the int8 path runs in LiteRT (tflite.WhiteningRunner)."""
+        with tf.device(self.device):
+            return self._pooled_from_features(np.asarray(features, np.float32)).numpy()
+
+    def pooled(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images [B, H, W, C] -> the normalised NetVLAD vectors [B, D*K], unwhitened.
+
+        With `whiten` this splits a batch in two stages (service.py's stepped runner): the
+        convolutions, whose cost grows with every image, run a few images at a time, and the
+        whitening, whose cost is mostly reading its D*K x P matrix once per call, runs once
+        for the whole batch. Together they give __call__'s descriptors.
+        """
+        array = check_images(images)
+        if array.dtype != np.uint8:
+            raise TypeError(f"pooled takes uint8 images, got {array.dtype}")
+        with tf.device(self.device):
+            return self._pooled_uint8(array).numpy()
+
+    def whiten(self, pooled: np.ndarray) -> np.ndarray:
+        """The descriptors [B, P] of `pooled` rows [B, D*K]: whitening, then L2."""
+        with tf.device(self.device):
+            desc = self._whitened(np.asarray(pooled, np.float32)).numpy()
+        if not np.isfinite(desc).all():
+            raise FloatingPointError(f"the network produced non-finite descriptors in "
+                                     f"{self.precision}: run in bfloat16 or float32 instead")
+        return desc
 
     def layer_function(self, last: str) -> Callable[[tf.Tensor], tf.Tensor]:
         """float32 images [B, H, W, C] -> layer `last`'s output, traceable (for converters).

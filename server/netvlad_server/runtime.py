@@ -9,6 +9,7 @@ Thread counts and GPU memory growth must be set before TensorFlow runs its first
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import platform
@@ -44,6 +45,7 @@ log = logging.getLogger("netvlad_server")
 # until MemoryKeeper purges. docs/BENCHMARKS.md has the numbers and the alternatives measured.
 MEMORY_ENVIRONMENT = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "1"}
 IDLE_TRIM_SECONDS = 10.0  # MemoryKeeper returns free heap pages after this long without a batch
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; clean file pages need no swap
 RECENT_SHAPES = 64  # batch shapes MemoryKeeper remembers; a shape not among them trims the heap
 
 
@@ -271,6 +273,61 @@ def release_free_memory() -> bool:
     return False
 
 
+def resident_mib() -> float:
+    """This process's resident size (VmRSS) in MiB; 0.0 where /proc is not there."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def library_mappings(maps: str) -> list[tuple[int, int]]:
+    """(start, end) of the read-only private mappings of loaded code objects in /proc/PID/maps text.
+
+    A file counts as loaded code when one of its mappings is executable (a shared library or
+    the interpreter); its writable mappings (relocated data) and every other file (memory-mapped
+    data such as a place index) are left out.
+    """
+    rows = []
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, _, end = fields[0].partition("-")
+            rows.append((int(start, 16), int(end, 16), fields[1], fields[5]))
+    code = {path for _, _, perms, path in rows if "x" in perms}
+    return [(start, end) for start, end, perms, path in rows
+            if path in code and perms.endswith("p") and "w" not in perms]
+
+
+def release_library_pages(maps: str | os.PathLike = "/proc/self/maps") -> int:
+    """Ask the kernel to reclaim the resident pages of loaded libraries' read-only mappings.
+
+    Importing TensorFlow runs the registration code of every operation it has and reads their
+    tables: about 0.3 GiB of library pages stay resident although a forward pass uses a
+    twentieth of them. madvise(MADV_PAGEOUT) drops them now; whatever is touched again is read
+    back on its first use (a fraction of a second once). Nothing is lost: the pages are clean
+    copies of files, and pages another process maps too are left alone by the kernel. Returns
+    the bytes of mappings advised; 0 where the kernel refuses (before Linux 5.4, or no Linux).
+    """
+    try:
+        text = Path(maps).read_text()
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    advised = 0
+    for start, end in library_mappings(text):
+        if madvise(start, end - start, MADV_PAGEOUT) == 0:
+            advised += end - start
+        elif ctypes.get_errno() == errno.EINVAL and not advised:
+            return 0  # MADV_PAGEOUT unknown to this kernel
+    return advised
+
+
 class MemoryKeeper:
     """The forward callable, returning free heap pages when a batch's memory will not be reused.
 
@@ -303,10 +360,19 @@ class MemoryKeeper:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Run the forward pass; ask for a trim afterwards if this batch shape is new."""
+        return self.run(self._forward, images)
+
+    def track(self, function: Callable[[np.ndarray], np.ndarray]
+              ) -> Callable[[np.ndarray], np.ndarray]:
+        """`function` (another stage of the model) under this keeper's watch, as __call__ is."""
+        return lambda images: self.run(function, images)
+
+    def run(self, function: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+        """function(images), counted as a batch: shape remembered, idle clock restarted."""
         with self._lock:
             self._running += 1
         try:
-            return self._forward(images)
+            return function(images)
         finally:
             shape = (*np.shape(images), str(getattr(images, "dtype", "")))
             with self._lock:

@@ -34,6 +34,7 @@ from netvlad_server.batching import (
     DynamicBatcher,
     PriorityClass,
     QueueFullError,
+    Steps,
 )
 from netvlad_server.config import PRIORITIES, ServerConfig
 from netvlad_server.images import ImageError, ImageLimits, image_label, prepare_encoded, prepare_raw
@@ -91,6 +92,10 @@ class LoadedModel:
     forward: Callable[[np.ndarray], np.ndarray]
     truncate: Callable[[np.ndarray, int], np.ndarray]  # (rows [N, D], n) -> first n, renormalised
     description: ModelDescription
+    # forward in two stages, (images [B,H,W,C] -> pooled [B, F], pooled [B, F] -> [B, output_dims]):
+    # the first runs a few images at a time, the second once per batch (make_stepped_runner).
+    stages: tuple[Callable[[np.ndarray], np.ndarray],
+                  Callable[[np.ndarray], np.ndarray]] | None = None
 
 
 class RequestError(Exception):
@@ -104,23 +109,50 @@ class RequestError(Exception):
         self.trailers = trailers
 
 
+def _stack(items: Sequence[BatchItem]) -> np.ndarray:
+    """The items' images as one [B, H, W, C] array."""
+    return items[0][0][np.newaxis] if len(items) == 1 else np.stack([image for image, _ in items])
+
+
+def _rows(model: LoadedModel, items: Sequence[BatchItem], out: np.ndarray) -> list[np.ndarray]:
+    """Each item's descriptor from the batch's [B, output_dims] output, truncated as it asked."""
+    full = model.description.output_dims
+    out = np.asarray(out, dtype=np.float32)
+    if out.shape != (len(items), full):
+        raise ValueError(f"the model returned shape {out.shape} for {len(items)} images; "
+                         f"expected ({len(items)}, {full})")
+    rows = list(out)
+    for dims in {dims for _, dims in items if 0 < dims < full}:
+        chosen = [i for i, (_, wanted) in enumerate(items) if wanted == dims]
+        for i, row in zip(chosen, model.truncate(out[chosen], dims), strict=True):
+            rows[i] = row
+    return rows
+
+
 def make_batch_runner(model: LoadedModel) -> Callable[[list[BatchItem]], list[np.ndarray]]:
     """The batcher's `run`: stack a batch once, one forward call, rows truncated per request."""
-    full = model.description.output_dims
+    return lambda items: _rows(model, items, model.forward(_stack(items)))
 
-    def run(items: list[BatchItem]) -> list[np.ndarray]:
-        images = [image for image, _ in items]
-        batch = images[0][np.newaxis] if len(images) == 1 else np.stack(images)  # [B, H, W, C]
-        out = np.asarray(model.forward(batch), dtype=np.float32)  # [B, full]
-        if out.shape != (len(items), full):
-            raise ValueError(f"the model returned shape {out.shape} for {len(items)} images; "
-                             f"expected ({len(items)}, {full})")
-        rows = list(out)
-        for dims in {dims for _, dims in items if 0 < dims < full}:
-            chosen = [i for i, (_, wanted) in enumerate(items) if wanted == dims]
-            for i, row in zip(chosen, model.truncate(out[chosen], dims), strict=True):
-                rows[i] = row
-        return rows
+
+def make_stepped_runner(
+    model: LoadedModel,
+) -> Callable[[list[BatchItem], int], Steps[np.ndarray]] | None:
+    """The batcher's `run_in_steps` (None when the model has no stages).
+
+    Each step runs the first stage on up to `step` images; the last step also runs the second
+    stage once on the whole batch, so a batch costs the second stage once however it is cut.
+    """
+    if model.stages is None:
+        return None
+    first, second = model.stages
+
+    def run(items: list[BatchItem], step: int) -> Steps[np.ndarray]:
+        pooled = []
+        for start in range(0, len(items), step):
+            if start:
+                yield  # a pause point between two steps
+            pooled.append(first(_stack(items[start:start + step])))
+        return _rows(model, items, second(np.concatenate(pooled)))
 
     return run
 
@@ -174,7 +206,7 @@ class MalformedMessage:
         return self
 
 
-def _parser(message_type: type[Message]) -> Callable[[bytes], Message | MalformedMessage]:
+def message_parser(message_type: type[Message]) -> Callable[[bytes], Message | MalformedMessage]:
     """A request deserializer that turns parse failures into a MalformedMessage, not UNKNOWN."""
     type_name = message_type.DESCRIPTOR.full_name
 
@@ -187,7 +219,7 @@ def _parser(message_type: type[Message]) -> Callable[[bytes], Message | Malforme
     return parse
 
 
-def _serialize(message: Message | bytes) -> bytes:
+def serialize_message(message: Message | bytes) -> bytes:
     """Response serializer accepting pre-encoded bytes as well as protobuf messages."""
     return message if isinstance(message, bytes) else message.SerializeToString()
 
@@ -196,15 +228,15 @@ def add_descriptor_service(servicer: DescriptorService, server: grpc.aio.Server)
     """Register the servicer with a serializer that passes pre-encoded responses through."""
     handlers = {
         "DescribeImages": grpc.unary_unary_rpc_method_handler(
-            servicer.DescribeImages, request_deserializer=_parser(pb.DescribeImagesRequest),
-            response_serializer=_serialize),
+            servicer.DescribeImages, request_deserializer=message_parser(pb.DescribeImagesRequest),
+            response_serializer=serialize_message),
         "StreamDescribeImages": grpc.stream_stream_rpc_method_handler(
             servicer.StreamDescribeImages,
-            request_deserializer=_parser(pb.StreamDescribeImagesRequest),
-            response_serializer=_serialize),
+            request_deserializer=message_parser(pb.StreamDescribeImagesRequest),
+            response_serializer=serialize_message),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetModelInfo, request_deserializer=_parser(pb.GetModelInfoRequest),
-            response_serializer=_serialize),
+            servicer.GetModelInfo, request_deserializer=message_parser(pb.GetModelInfoRequest),
+            response_serializer=serialize_message),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)  # faster dispatch, as generated

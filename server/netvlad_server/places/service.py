@@ -39,8 +39,8 @@ from netvlad_server.service import (
     MalformedMessage,
     ModelDescription,
     RequestError,
-    _parser,
-    _serialize,
+    message_parser,
+    serialize_message,
 )
 
 PLACES_SERVICE_NAME = ppb.DESCRIPTOR.services_by_name["PlaceIndexService"].full_name
@@ -344,14 +344,15 @@ def add_place_index_service(servicer: PlaceIndexService, server: grpc.aio.Server
              "QueryPlaces": ppb.QueryPlacesRequest, "QueryAndAdd": ppb.QueryAndAddRequest,
              "RemovePlaces": ppb.RemovePlacesRequest}
     handlers = {name: grpc.unary_unary_rpc_method_handler(
-        getattr(servicer, name), request_deserializer=_parser(message),
-        response_serializer=_serialize) for name, message in unary.items()}
+        getattr(servicer, name), request_deserializer=message_parser(message),
+        response_serializer=serialize_message) for name, message in unary.items()}
     handlers["ExportPlaces"] = grpc.unary_stream_rpc_method_handler(
-        servicer.ExportPlaces, request_deserializer=_parser(ppb.ExportPlacesRequest),
-        response_serializer=_serialize)
+        servicer.ExportPlaces, request_deserializer=message_parser(ppb.ExportPlacesRequest),
+        response_serializer=serialize_message)
     handlers["StreamLoopClosure"] = grpc.stream_stream_rpc_method_handler(
-        servicer.StreamLoopClosure, request_deserializer=_parser(ppb.StreamLoopClosureRequest),
-        response_serializer=_serialize)
+        servicer.StreamLoopClosure,
+        request_deserializer=message_parser(ppb.StreamLoopClosureRequest),
+        response_serializer=serialize_message)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(PLACES_SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(PLACES_SERVICE_NAME, handlers)

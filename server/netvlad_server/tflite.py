@@ -6,6 +6,10 @@ the final descriptor) into one file for a robot's own CPU. Either way the input 
 0..255 with the mean subtraction inside the model. In an int8 export the layers after conv5_3
 (normalisations, NetVLAD, whitening) stay float32: they are a small share of the time and most
 of the rounding error would come from them.
+
+The server's int8 path also runs the whitening (a D*K x P matrix) in LiteRT, as a model this
+module writes directly (no converter): int8 weights in two levels, so that the result matches
+float32's to about 1e-4 while reading half the float32 matrix's bytes (docs/INT8.md).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,6 +148,190 @@ class TFLiteRunner:
         self._interpreter.set_tensor(self._input["index"], image.astype(self.input_dtype))
         self._interpreter.invoke()
         return self._interpreter.get_tensor(self._output["index"]).copy()
+
+
+WHITENING_LEVELS = 2  # int8 terms per weight: W ~ Q1 * s1 + Q2 * s2, per output column
+WHITENING_BLOCK = 256  # output columns quantized at a time (bounds the temporary memory)
+
+
+def whitening_levels(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 weights [2, P, N] and scales [2, P] of a float matrix [N, P]: two levels per column.
+
+    The first level rounds each column to int8 with its own scale, the second rounds what the
+    first left over, so Q1 * s1 + Q2 * s2 is within 1/64516 of the column's largest value.
+    Built WHITENING_BLOCK columns at a time (bounded temporary memory).
+    """
+    inputs, outputs = matrix.shape
+    weights = np.empty((WHITENING_LEVELS, outputs, inputs), np.int8)
+    scales = np.empty((WHITENING_LEVELS, outputs), np.float32)
+    for start in range(0, outputs, WHITENING_BLOCK):
+        columns = slice(start, start + WHITENING_BLOCK)
+        rest = np.array(matrix[:, columns], np.float32)
+        for level in range(WHITENING_LEVELS):
+            scale = np.abs(rest).max(axis=0) / 127
+            scale[scale == 0] = 1.0
+            rounded = np.clip(np.rint(rest / scale), -127, 127)
+            rest -= rounded * scale
+            weights[level, columns] = rounded.T
+            scales[level, columns] = scale
+    return weights, scales
+
+
+def whitening_model(matrix: np.ndarray) -> bytes:
+    """A .tflite model of the product x @ matrix in int8, two hybrid FULLY_CONNECTED operators.
+
+    Inputs `rows` [2B, N] (split_rows: each row rounded as LiteRT rounds it, then the rest) and
+    `rounded` [B, N] (the first half again); outputs `coarse` = rows @ level 1 [2B, P] and
+    `fine` = rounded @ level 2 [B, P]. The sum of coarse's halves and fine is x @ matrix but
+    for the rest's product with level 2 (about 1e-4 of it), left out. int8 weights per output
+    column (whitening_levels), input rows quantized per row by the runtime. Written with
+    LiteRT's flatbuffer schema: TensorFlow's converter needs minutes and gigabytes for a
+    0.5 GB matrix.
+    """
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    weights, scales = whitening_levels(matrix)
+    levels, outputs, inputs = weights.shape
+    builder = flatbuffers.Builder(weights.nbytes + 32 * outputs + (1 << 20))  # never regrown
+    data = []
+    for level in range(levels):  # written in place: no temporary copy
+        builder.StartVector(1, weights[level].size, 16)
+        builder.head -= weights[level].size
+        builder.Bytes[builder.head:builder.head + weights[level].size] = \
+            memoryview(weights[level]).cast("B")
+        builder.vectorNumElems = weights[level].size
+        data.append(builder.EndVector())
+    del weights
+
+    def tensor(name: str, kind: int, shape: list[int], buffer: int = 0,
+               scale: np.ndarray | None = None) -> Any:
+        made = schema.TensorT()
+        made.name, made.type, made.buffer = name, kind, buffer
+        made.shape = np.array(shape, np.int32)
+        if buffer == 0:  # an activation: the batch axis is open
+            made.shapeSignature = np.array([-1, *shape[1:]], np.int32)
+        if scale is not None:
+            made.quantization = schema.QuantizationParametersT()
+            made.quantization.scale = scale
+            made.quantization.zeroPoint = np.zeros(len(scale), np.int64)
+            made.quantization.quantizedDimension = 0
+        return made
+
+    def fully_connected(source: int, weight: int, target: int) -> Any:
+        operator = schema.OperatorT()
+        operator.opcodeIndex = 0
+        operator.inputs = np.array([source, weight, -1], np.int32)  # no bias: added afterwards
+        operator.outputs = np.array([target], np.int32)
+        operator.builtinOptionsType = schema.BuiltinOptions.FullyConnectedOptions
+        operator.builtinOptions = schema.FullyConnectedOptionsT()
+        operator.builtinOptions.asymmetricQuantizeInputs = True
+        return operator
+
+    float32, int8 = schema.TensorType.FLOAT32, schema.TensorType.INT8
+    graph = schema.SubGraphT()
+    graph.name = "whitening"
+    graph.tensors = [tensor("rows", float32, [2, inputs]),
+                     tensor("level1", int8, [outputs, inputs], 1, scales[0]),
+                     tensor("coarse", float32, [2, outputs]),
+                     tensor("rounded", float32, [1, inputs]),
+                     tensor("level2", int8, [outputs, inputs], 2, scales[1]),
+                     tensor("fine", float32, [1, outputs])]
+    graph.inputs, graph.outputs = np.array([0, 3], np.int32), np.array([2, 5], np.int32)
+    graph.operators = [fully_connected(0, 1, 2), fully_connected(3, 4, 5)]
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.FULLY_CONNECTED
+    code.version = 12  # per-channel hybrid weights
+    model = schema.ModelT()
+    model.version, model.description = 3, "netvlad-service whitening"
+    model.operatorCodes, model.subgraphs = [code], [graph]
+    model.buffers = [schema.BufferT(), *(_Written(offset) for offset in data)]
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(memoryview(builder.Bytes)[builder.Head():])
+
+
+class _Written:
+    """A model buffer whose bytes are already in the flatbuffer builder (at `offset`)."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def Pack(self, builder: Any) -> int:  # the name ModelT.Pack calls
+        """The buffer table pointing at the written bytes."""
+        from ai_edge_litert import schema_py_generated as schema
+
+        schema.BufferStart(builder)
+        schema.BufferAddData(builder, self.offset)
+        return schema.BufferEnd(builder)
+
+
+def split_rows(rows: np.ndarray) -> np.ndarray:
+    """[2B, N]: each float32 row rounded to 255 levels as LiteRT quantizes it, then the rest.
+
+    The runtime quantizes every input row to int8 between min(row, 0) and max(row, 0);
+    given the rounded row it reproduces it exactly, and the rest is 1/255 of the row's range
+    at most, so the sum of the two rows' products is the float row's to about 1e-4.
+    """
+    low = np.minimum(rows.min(axis=1, keepdims=True), 0.0)
+    high = np.maximum(rows.max(axis=1, keepdims=True), 0.0)
+    scale = 255.0 / np.where(high > low, high - low, 1.0)
+    from_low, from_high = -128.0 - low * scale, 127.0 - high * scale
+    zero = np.rint(np.clip(np.where(from_low + from_high > 0, from_low, from_high), -128, 127))
+    rounded = ((np.clip(np.rint(rows * scale) + zero, -128, 127) - zero) / scale)
+    rounded = rounded.astype(np.float32)
+    return np.concatenate([rounded, rows - rounded])
+
+
+class WhiteningRunner:
+    """The whitening x @ W + b of float32 rows in int8 on LiteRT, float32's result to ~1e-4.
+
+    Faster than float32 at small batches, where the float32 product only streams its matrix
+    from memory (each int8 level is a quarter of the bytes); see docs/INT8.md. Until
+    release_float32(), `float32` computes the exact product from the caller's matrix (a view,
+    no copy) for the start-up check.
+    """
+
+    def __init__(self, matrix: np.ndarray, bias: np.ndarray, threads: int | None = None) -> None:
+        """matrix [N, P] float32, bias [P]; threads None: one per core this process may use."""
+        self._matrix: np.ndarray | None = matrix
+        self.outputs = int(matrix.shape[1])
+        self._bias = np.asarray(bias, np.float32).reshape(self.outputs)
+        self._interpreter = interpreter_class()(model_content=whitening_model(matrix),
+                                                num_threads=threads or default_threads())
+        self._tensors = {detail["name"]: detail["index"] for detail in
+                         self._interpreter.get_input_details()
+                         + self._interpreter.get_output_details()}
+        self._batch = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        """x @ W + b for rows [B, N] (float32), as float32 [B, P]."""
+        rows = np.asarray(rows, np.float32)
+        batch, index = len(rows), self._tensors
+        split = split_rows(rows)
+        with self._lock:
+            if batch != self._batch:
+                self._interpreter.resize_tensor_input(index["rows"], list(split.shape))
+                self._interpreter.resize_tensor_input(index["rounded"], list(rows.shape))
+                self._interpreter.allocate_tensors()
+                self._batch = batch
+            self._interpreter.set_tensor(index["rows"], split)
+            self._interpreter.set_tensor(index["rounded"], split[:batch])
+            self._interpreter.invoke()
+            coarse = self._interpreter.get_tensor(index["coarse"])
+            fine = self._interpreter.get_tensor(index["fine"])
+            return coarse[:batch] + coarse[batch:] + fine + self._bias
+
+    def float32(self, rows: np.ndarray) -> np.ndarray:
+        """x @ W + b in float32 (numpy): the yardstick of the start-up check."""
+        if self._matrix is None:
+            raise RuntimeError("WhiteningRunner.float32: the float32 matrix was released")
+        return np.asarray(rows, np.float32) @ self._matrix.astype(np.float32, copy=False) + \
+            self._bias
+
+    def release_float32(self) -> None:
+        """Drop the reference to the float32 matrix (serving never needs it)."""
+        self._matrix = None
 
 
 def export(model: str, destination: Path, precision: str, calibration: str | None,

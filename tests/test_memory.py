@@ -302,14 +302,28 @@ def test_keeper_trims_after_new_shapes_and_once_per_idle_spell(tiny_weights):
         MemoryKeeper(network, idle_seconds=0)
 
 
+def proportional_bytes(pid: int) -> int:
+    """A process's proportional set size (Pss of /proc/PID/smaps_rollup), in bytes."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no Pss line in /proc/{pid}/smaps_rollup")
+
+
 @pytest.mark.slow
 def test_full_size_server_idles_under_the_goal(tmp_path):
     """In the container image's configuration (jemalloc), after batches, once the keeper's idle
     purge has run: under 1.35e9 bytes, so a busier machine's spread stays under the 1.4 GB goal
-    (measured 1.27-1.28e9 with library pages shared with this test process, 0.96e9 for a
+    (measured 1.26-1.28e9 with library pages shared with this test process, 0.96e9 for a
     server alone with its libraries; docs/BENCHMARKS.md). The anonymous part alone (weights
     once, TensorFlow's and Python's heap) stays under 1.0e9: a second copy of the whitening
-    matrix would add 0.54e9."""
+    matrix would add 0.54e9.
+
+    The size judged is the proportional one (Pss: a page shared with other processes counts
+    its share), not VmRSS: this test's own process has TensorFlow loaded, and after the suite's
+    other TensorFlow work the page cache holds more of its libraries, which the kernel maps
+    into the server around each page it touches and will not reclaim while shared. A clean-clone
+    CI run read 1362 MiB VmRSS right after warm-up where a lone run reads 1214-1253 MiB."""
     from netvlad_client import NetVLADClient
     from netvlad_client.bench.harness import ServerProcess, proc_status
 
@@ -325,8 +339,9 @@ def test_full_size_server_idles_under_the_goal(tmp_path):
                 assert client.describe(images, batch_size=8, timeout=120).shape == (8, 4096)
         time.sleep(IDLE_TRIM_SECONDS + 2)  # the keeper's idle purge
         # On a loaded machine the purge thread may run late: allow it 30 s more, no longer.
-        assert _eventually(lambda: server.rss_bytes() < goal, timeout=30), server.tail()
+        settled = _eventually(lambda: proportional_bytes(server.pid) < goal, timeout=30)
         status = proc_status(server.pid)
+        assert settled, (proportional_bytes(server.pid), status, server.tail())
         assert status["RssAnon"] < 1.0e9, status
         log = server.tail(400)
     assert "library pages released" in log or "library pages stay resident" in log, log

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from bench_network import median_seconds
 from make_samples import H, street
 from netvlad_client._proto import netvlad_pb2 as pb
 from netvlad_client.bench.harness import ServerProcess, proc_status
@@ -107,24 +107,7 @@ def server_phases(model: str, size: tuple[int, int], args: argparse.Namespace,
 def plain_float32(network: NetVLADNetwork, size: tuple[int, int], repeats: int) -> float:
     """Median seconds of one float32 forward of one image (after a warm-up call)."""
     image = scene_image(*size)[np.newaxis]
-    network(image)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        network(image)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def median_seconds(call, repeats: int = 5) -> float:
-    """Median wall time of call() after one untimed call."""
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: network(image), repeats)
 
 
 def stage_times(model: str, weights, size: tuple[int, int], whitening: WhiteningRunner,
@@ -135,15 +118,17 @@ def stage_times(model: str, weights, size: tuple[int, int], whitening: Whitening
     content, _, _ = calibrated_features_model(weights, float_tail, model, None)  # cached
     image = scene_image(*size)[np.newaxis]
     convolutions = TFLiteRunner(content)
-    out = {"convolutions_per_image": median_seconds(lambda: convolutions(image)), "batches": {}}
+    out = {"convolutions_per_image": median_seconds(lambda: convolutions(image), STAGE_REPEATS),
+           "batches": {}}
     features = convolutions(image)
     for batch in (1, 4, 8):
         many = np.repeat(features, batch, axis=0)
         pooled = float_tail.pooled_from_features(many)
         out["batches"][batch] = {
-            "netvlad_layers": median_seconds(partial(float_tail.pooled_from_features, many)),
-            "whitening_float32": median_seconds(partial(float_tail.whiten, pooled)),
-            "whitening_int8_litert": median_seconds(partial(whitening, pooled))}
+            "netvlad_layers": median_seconds(partial(float_tail.pooled_from_features, many),
+                                            STAGE_REPEATS),
+            "whitening_float32": median_seconds(partial(float_tail.whiten, pooled), STAGE_REPEATS),
+            "whitening_int8_litert": median_seconds(partial(whitening, pooled), STAGE_REPEATS)}
     return out
 
 
@@ -172,6 +157,7 @@ def speed(args: argparse.Namespace, weights, network: NetVLADNetwork) -> dict:
     return out
 
 
+STAGE_REPEATS = 5  # timed calls per stage in the profile, after one untimed
 SEQUENCES = (("same light", 1.0), ("5% darker", 0.95), ("10% darker", 0.9),
              ("20% darker", 0.8))  # lap 2's light
 

@@ -163,6 +163,10 @@ class _Class(Generic[ItemT, ResultT]):
         self.last_submit = float("-inf")
         self.last_done = float("-inf")  # when its last batch finished
 
+    def oldest_key(self) -> Hashable:
+        """The key whose queue holds this class's oldest item (the class must hold items)."""
+        return min(self.queues, key=lambda key: self.queues[key][0].enqueued)
+
 
 class _Entry(Generic[ItemT, ResultT]):
     """One queued item with its caller's future and its class."""
@@ -384,10 +388,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if ready[chosen] is None:
                 if all(key is None for key in ready[chosen + 1:]):
                     return None, None, None if soonest is None else soonest - now
-                queues = self._classes[chosen].queues
-                ready[chosen] = min(queues, key=lambda k: queues[k][0].enqueued)
-            lingered = max((cls.last_done for cls in self._classes[:chosen]),
-                           default=float("-inf")) + self.policy.linger
+                ready[chosen] = self._classes[chosen].oldest_key()
+            lingered = self._linger_end(chosen)
             if lingered > now and not self._closing:
                 self._lingering = True
                 return None, None, lingered - now
@@ -397,6 +399,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             elif i > chosen and ready[i] is not None:
                 cls.skips += 1
         return self._classes[chosen], ready[chosen], None
+
+    def _linger_end(self, rank: int) -> float:
+        """Until when classes from `rank` down are held back for the classes above (linger)."""
+        return max((cls.last_done for cls in self._classes[:rank]),
+                   default=float("-inf")) + self.policy.linger
 
     def _take(self, cls: _Class[ItemT, ResultT], key: Hashable,
               now: float) -> list[_Entry[ItemT, ResultT]]:
@@ -497,7 +504,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             now = time.monotonic()
             cls = next((c for c in higher if c.queues), None)
             if cls is None:
-                lingered = max(c.last_done for c in higher) + self.policy.linger
+                lingered = self._linger_end(paused.rank)
                 if lingered <= now or self._closing:
                     return
                 self._lingering = True
@@ -510,7 +517,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 continue
             key, _ = self._ready_key(cls, now)
             if key is None:  # the model is free now: waiting out the delay would idle it
-                key = min(cls.queues, key=lambda k: cls.queues[k][0].enqueued)
+                key = cls.oldest_key()
             batch = self._take(cls, key, now)
             if batch:
                 await self._execute(cls, batch)

@@ -49,6 +49,14 @@ CONVERSION_VERSION = "2"  # part of the cache key: change it when convert()'s se
 log = logging.getLogger("netvlad_server")
 
 
+def _uint8_images(images: np.ndarray) -> np.ndarray:
+    """Checked images as uint8 pixels, float ones rounded (what the int8 models take)."""
+    array = check_images(images)
+    if array.dtype != np.uint8:
+        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    return array
+
+
 def unit_rows(whitened: np.ndarray) -> np.ndarray:
     """finalL2 as the network computes it: each row over sqrt(max(sum of squares, 1e-12))."""
     norms = np.sqrt(np.maximum(np.sum(whitened * whitened, axis=1, keepdims=True), 1e-12))
@@ -105,9 +113,7 @@ class Int8Network:
         input are: the server's descriptors and LiteRT's from `export` then agree to float
         rounding. Float images are rounded to uint8 first.
         """
-        array = check_images(images)
-        if array.dtype != np.uint8:
-            array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+        array = _uint8_images(images)
         if array.shape[-1] == 1:  # gray: the network broadcasts it to RGB, so does this
             array = np.repeat(array, 3, axis=-1)
         with self._lock:
@@ -141,10 +147,7 @@ class Int8Network:
                                "the start-up check; build a NetVLADNetwork to compare")
         if self._whitening is None:
             return self._network(images)
-        array = check_images(images)
-        if array.dtype != np.uint8:
-            array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-        return unit_rows(self._whitening.float32(self._network.pooled(array)))
+        return unit_rows(self._whitening.float32(self._network.pooled(_uint8_images(images))))
 
     def release_float32(self) -> None:
         """Let go of the float32 convolution weights, and the float32 whitening when LiteRT

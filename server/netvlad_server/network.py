@@ -116,7 +116,6 @@ class NetVLADNetwork:
                  device: str | None = None, whitening: bool = True):
         """whitening False: no TensorFlow copy of the whitening matrix (the int8 path runs it
         in LiteRT); only pooled and pooled_from_features work then."""
-        self._with_whitening = whitening
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
         self.precision = precision
@@ -124,7 +123,7 @@ class NetVLADNetwork:
         self.device = device or default_device()
         self._dtype = tf.as_dtype(precision)  # convolutions, ReLUs and pools run in this type
         with tf.device(self.device):  # weights live where the maths runs: no copy per call
-            self._build_tensors(weights)
+            self._build_tensors(weights, whitening)
         self.layer_names = [name for name, _ in layer_plan()]
         offset = tf.TensorSpec([3], tf.float32)
         self._descriptors = tf.function(
@@ -152,7 +151,7 @@ class NetVLADNetwork:
             lambda x: self._tail(x, whiten=False)[-1],
             input_signature=[tf.TensorSpec([None, None, None, None], tf.float32)])
 
-    def _build_tensors(self, weights: NetVLADWeights) -> None:
+    def _build_tensors(self, weights: NetVLADWeights, whitening: bool) -> None:
         """Hold each weight once as a device tensor: convolutions in the compute type, rest f32.
 
         The traced functions capture these tensors by reference. Writing the convolution kernels
@@ -177,7 +176,7 @@ class NetVLADNetwork:
         wpca = t["WPCA/kernel"]
         self.output_dims = int(wpca.shape[-1])
         self._wpca = (tf.constant(np.reshape(wpca, [dims * clusters, self.output_dims]))  # DK x P
-                      if self._with_whitening else None)
+                      if whitening else None)
         self._wpca_bias = tf.constant(t["WPCA/bias"])  # [P]
         # tf.constant leaves a second, temporary copy of a large array until the next eager
         # operation: let it go now rather than at the first request (0.5 GB for the WPCA).
@@ -245,12 +244,16 @@ class NetVLADNetwork:
         array = check_images(images)
         run = self._descriptors_uint8 if array.dtype == np.uint8 else self._descriptors
         with tf.device(self.device):
-            desc = run(array).numpy()
+            desc = self._finite(run(array).numpy())
+        return desc if dims is None else truncate_descriptors(desc, dims)
+
+    def _finite(self, desc: np.ndarray) -> np.ndarray:
+        """desc, after checking that no activation overflowed on the way."""
         if not np.isfinite(desc).all():
             raise FloatingPointError(
                 f"the network produced non-finite descriptors in {self.precision}: an activation "
                 "overflowed (float16 tops out at 65504); run in bfloat16 or float32 instead")
-        return desc if dims is None else truncate_descriptors(desc, dims)
+        return desc
 
     def float32_reference(self, images: np.ndarray) -> np.ndarray:
         """Descriptors from float32 convolutions, the rest shared: a lower precision's yardstick.
@@ -303,11 +306,7 @@ class NetVLADNetwork:
     def whiten(self, pooled: np.ndarray) -> np.ndarray:
         """The descriptors [B, P] of `pooled` rows [B, D*K]: whitening, then L2."""
         with tf.device(self.device):
-            desc = self._whitened(np.asarray(pooled, np.float32)).numpy()
-        if not np.isfinite(desc).all():
-            raise FloatingPointError(f"the network produced non-finite descriptors in "
-                                     f"{self.precision}: run in bfloat16 or float32 instead")
-        return desc
+            return self._finite(self._whitened(np.asarray(pooled, np.float32)).numpy())
 
     def layer_function(self, last: str) -> Callable[[tf.Tensor], tf.Tensor]:
         """float32 images [B, H, W, C] -> layer `last`'s output, traceable (for converters).

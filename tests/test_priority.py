@@ -7,6 +7,8 @@ order the scheduler chose.
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import numpy as np
 import pytest
@@ -277,3 +279,22 @@ def test_mixed_bulk_batch_size_defaults_to_a_quarter_of_the_batch_and_is_checked
     with pytest.raises(ConfigError, match=r"--mixed-bulk-batch-size \(9\) exceeds "
                                           r"--max-batch-size \(8\)"):
         config_from_values({"mixed_bulk_batch_size": "9"}, {})
+
+
+def test_warm_up_runs_the_stages_of_stepped_batches_for_every_size(tiny_model):
+    from netvlad_server.main import warm_up
+    from server_thread import tiny_config
+
+    first, second = tiny_model.stages
+    seen: list[tuple[str, tuple[int, ...]]] = []
+
+    def recorded(name, stage):
+        return lambda array: seen.append((name, array.shape)) or stage(array)
+
+    model = dataclasses.replace(tiny_model, stages=(recorded("pool", first),
+                                                    recorded("whiten", second)))
+    warm_up(model, tiny_config(0, warmup_sizes=((32, 32), (40, 56))))
+    pooled = tiny_model.description.num_clusters * tiny_model.description.cluster_dim
+    # The first real bulk batch then traces nothing: both stages ran at each warm-up size.
+    assert seen == [("pool", (1, 32, 32, 3)), ("whiten", (1, pooled)),
+                    ("pool", (1, 40, 56, 3)), ("whiten", (1, pooled))]

@@ -86,6 +86,15 @@ def load_model(config: ServerConfig) -> LoadedModel:
                        stages=(keeper.track(network.pooled), keeper.track(network.whiten)))
 
 
+def _run_once(model: LoadedModel, batch: int, height: int, width: int) -> None:
+    """One forward pass of a zero batch, and one through the two stages of stepped batches."""
+    images = np.zeros((batch, height, width, 3), np.uint8)
+    model.forward(images)
+    if model.stages is not None:
+        first, second = model.stages
+        second(first(images))
+
+
 def warm_up(model: LoadedModel, config: ServerConfig, release_libraries: bool = False) -> None:
     """Run each expected image size once so the first real request pays no tracing cost.
 
@@ -101,7 +110,7 @@ def warm_up(model: LoadedModel, config: ServerConfig, release_libraries: bool = 
     for height, width in config.warmup_sizes:
         start = time.perf_counter()
         for batch in batches:
-            model.forward(np.zeros((batch, height, width, 3), np.uint8))
+            _run_once(model, batch, height, width)
         log.info("warm-up %dx%d: %.2f s", height, width, time.perf_counter() - start)
     release_free_memory()  # what loading and warm-up freed, before the long steady state
     if not release_libraries:
@@ -112,7 +121,7 @@ def warm_up(model: LoadedModel, config: ServerConfig, release_libraries: bool = 
         log.info("library pages stay resident: this kernel has no MADV_PAGEOUT (Linux 5.4+)")
         return
     for height, width in config.warmup_sizes[:1]:
-        model.forward(np.zeros((1, height, width, 3), np.uint8))
+        _run_once(model, 1, height, width)
     release_free_memory()
     log.info("library pages released (%d MiB of read-only mappings advised): RSS %.0f -> %.0f "
              "MiB with a forward pass's pages back, in %.2f s", advised >> 20, before,
